@@ -1,7 +1,8 @@
 """scoreflow_eqx: maximum-likelihood training and exact likelihoods of score-based
 diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax."""
 
-from . import nets as nets
+from . import data as data, nets as nets
+from .data._discretization import bits_per_dim as bits_per_dim
 from ._flow import ScoreFlow as ScoreFlow
 from ._mixture import GaussianMixture as GaussianMixture
 from ._sde import (

@@ -1,0 +1,3 @@
+"""Datasets, their discretization, and grain input pipelines."""
+
+from ._discretization import Discretization as Discretization

@@ -2,7 +2,6 @@
 diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax."""
 
 from . import data as data, nets as nets
-from .data._discretization import bits_per_dim as bits_per_dim
 from ._flow import ScoreFlow as ScoreFlow
 from ._mixture import GaussianMixture as GaussianMixture
 from ._sde import (
@@ -13,6 +12,7 @@ from ._sde import (
     VPSDE as VPSDE,
 )
 from ._time_sampling import ImportanceSampler as ImportanceSampler
+from .data._discretization import bits_per_dim as bits_per_dim
 
 
 __version__ = "0.1.0"

@@ -34,8 +34,8 @@ def make_image_grid(
     - `data_range`: `(low, high)`: values are clipped to it and mapped to `[0, 1]`.
     - `pad_value`: the colour of the padding, in `[0, 1]`.
 
-    **Returns:** a float array of shape `(rows (H + p) + p, nrow (W + p) + p)` for `C = 1`
-    or with a trailing axis of size 3 for `C = 3` (`p = padding`).
+    **Returns:** a float array of shape `(rows (H + p) + p, nrow (W + p) + p)` for `C =
+    1` or with a trailing axis of size 3 for `C = 3` (`p = padding`).
     """
     x = np.asarray(samples, dtype=np.float64)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -44,7 +44,9 @@ def make_image_grid(
         )
     low, high = (float(v) for v in data_range)
     if not high > low:
-        raise ValueError(f"Need `data_range=(low, high)` with high > low, got {data_range}.")
+        raise ValueError(
+            f"Need `data_range=(low, high)` with high > low, got {data_range}."
+        )
     n, c, h, w = x.shape
     nrow = math.ceil(math.sqrt(n)) if nrow is None else int(nrow)
     if nrow < 1:

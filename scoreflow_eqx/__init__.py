@@ -1,9 +1,17 @@
 """scoreflow_eqx: maximum-likelihood training and exact likelihoods of score-based
 diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax."""
 
-from . import data as data, nets as nets
+from . import data as data, nets as nets, plotting as plotting
 from ._flow import ScoreFlow as ScoreFlow
 from ._mixture import GaussianMixture as GaussianMixture
+from ._sampling import (
+    decode as decode,
+    encode as encode,
+    inpaint as inpaint,
+    sample as sample,
+    SampleResult as SampleResult,
+    tweedie_denoise as tweedie_denoise,
+)
 from ._sde import (
     AbstractSDE as AbstractSDE,
     brownian_motion as brownian_motion,

@@ -2,8 +2,14 @@
 diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax."""
 
 from . import data as data, nets as nets
-from .data._discretization import bits_per_dim as bits_per_dim
+from ._bound import nll_bound as nll_bound, NLLBoundResult as NLLBoundResult
+from ._bpd import BPDResult as BPDResult, evaluate_bpd as evaluate_bpd
 from ._flow import ScoreFlow as ScoreFlow
+from ._likelihood import (
+    ode_nll as ode_nll,
+    ode_nll_batched as ode_nll_batched,
+    ODENLLResult as ODENLLResult,
+)
 from ._mixture import GaussianMixture as GaussianMixture
 from ._sde import (
     AbstractSDE as AbstractSDE,
@@ -13,6 +19,7 @@ from ._sde import (
     VPSDE as VPSDE,
 )
 from ._time_sampling import ImportanceSampler as ImportanceSampler
+from .data._discretization import bits_per_dim as bits_per_dim
 
 
 __version__ = "0.1.0"

@@ -58,7 +58,7 @@ class GaussianMixture(eqx.Module):
 
     def log_prob(self, x: Data) -> Scalar:
         """Exact log-density at one point `x`."""
-        z = (x - self.means) / self.stds
+        z = (x[None] - self.means) / self.stds
         axes = tuple(range(1, self.means.ndim))
         d = math.prod(self.data_shape)
         comp = -0.5 * jnp.sum(z**2, axis=axes) - jnp.sum(jnp.log(self.stds), axis=axes)

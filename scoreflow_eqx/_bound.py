@@ -120,7 +120,8 @@ def nll_bound(
 
     sampler = ImportanceSampler(sde, eps)
     if importance_sampling:
-        ts = sampler.sample(tkey, (num_t,))
+        # One scalar draw per key (`ImportanceSampler.icdf` is typed for scalars).
+        ts = jax.vmap(sampler.sample)(jr.split(tkey, num_t))
     else:
         ts = jr.uniform(tkey, (num_t,), minval=eps, maxval=sde.T)
     ts = ts.astype(x.dtype)

@@ -62,6 +62,11 @@ class BPDResult(eqx.Module):
     num_repeats: int
 
 
+@jax.jit
+def _t_upper_tail(t, dof):
+    return 0.5 * jsp.betainc(0.5 * dof, 0.5, dof / (dof + t * t))
+
+
 def student_t_quantile(p: float, dof: int) -> float:
     """The `p`-quantile (`0 < p < 1`) of Student's t distribution with `dof` degrees of
     freedom, by bisection on its CDF (a regularised incomplete beta function)."""
@@ -73,7 +78,7 @@ def student_t_quantile(p: float, dof: int) -> float:
         return -student_t_quantile(1 - p, dof)
 
     def upper_tail(t):  # P(T > t) for t >= 0
-        return 0.5 * float(jsp.betainc(0.5 * dof, 0.5, dof / (dof + t * t)))
+        return float(_t_upper_tail(t, float(dof)))
 
     lo, hi = 0.0, 1.0
     while upper_tail(hi) > 1 - p:
@@ -229,6 +234,8 @@ def evaluate_bpd(
     padded = np.concatenate(
         [data, np.repeat(data[:1], num_batches * batch_size - n, axis=0)], axis=0
     )
+    if discretization.is_discrete:
+        padded = padded.astype(np.int32)
     nll = np.empty((num_repeats, n))
     nfe = np.empty((num_repeats, n))
     failed = np.empty((num_repeats, n), dtype=bool)
@@ -260,9 +267,14 @@ def evaluate_bpd(
                 nfe[r, start:stop] = batch_nfe[:m]
                 failed[r, start:stop] = batch_failed[:m]
                 done = nll[: r + 1].reshape(-1)[: r * n + stop]
+                done = done[np.isfinite(done)]
+                running = (
+                    float(np.mean(discretization.bits_per_dim(done, dim=dim)))
+                    if done.size
+                    else float("nan")
+                )
                 bar.set_postfix(
-                    bpd=f"{float(np.nanmean(discretization.bits_per_dim(done, dim=dim))):.4f}",
-                    nfe=f"{float(np.mean(batch_nfe[:m])):.0f}",
+                    bpd=f"{running:.4f}", nfe=f"{float(np.mean(batch_nfe[:m])):.0f}"
                 )
                 bar.update()
     nll = np.where(failed, np.nan, nll)

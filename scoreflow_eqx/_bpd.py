@@ -4,7 +4,6 @@
 import math
 import warnings
 from collections.abc import Callable
-from typing import Literal
 
 import diffrax as dfx
 import equinox as eqx
@@ -163,11 +162,11 @@ def evaluate_bpd(
     *,
     discretization: Discretization,
     key: PRNGKeyArray,
-    method: Literal["ode", "bound"] = "ode",
+    method: str = "ode",
     batch_size: int = 64,
     dequantizer: Dequantizer | None = None,
     num_repeats: int = 1,
-    solve_mode: Literal["per_example", "batched"] = "per_example",
+    solve_mode: str = "per_example",
     show_progress: bool = True,
     **method_kwargs,
 ) -> BPDResult:

@@ -55,23 +55,23 @@ def nll_bound(
     eps_correction: bool = True,
     num_eps_samples: int = 16,
 ) -> NLLBoundResult:
-    """An unbiased Monte Carlo estimate of the Theorem 3 upper bound on `-log p(x)` of the
+    """Unbiased Monte Carlo estimate of the Theorem 3 upper bound on `-log p(x)` of the
     SDE model, for one example, in nats (Song et al. 2021, Theorem 3, DSM form):
 
     `-log p_SDE(x) <= E[-log prior(x_T)]
         + 1/2 int_eps^T E[g^2 ||s(t, x_t) - grad log p_0t(x_t|x)||^2
                           - g^2 ||grad log p_0t(x_t|x)||^2 - 2 div f(x_t, t)] dt`
 
-    with `x_t = alpha_t x + sigma_t z` and `grad log p_0t(x_t | x) = -z / sigma_t`. The prior
-    term is computed in closed form; the time integral with `num_t` pairs `(t, z)`, `t`
-    drawn from the importance-sampling proposal `g^2 / (sigma_t^2 Z)` (each weighted by
-    `Z sigma_t^2 / g^2`) or uniformly; the integral of `div f` (a function of `t` only for
-    these linear SDEs) is exact: `D log(alpha_T / alpha_eps)`.
+    with `x_t = alpha_t x + sigma_t z` and `grad log p_0t(x_t | x) = -z / sigma_t`. The
+    prior term is computed in closed form; the time integral with `num_t` pairs
+    `(t, z)`, `t` drawn from the importance-sampling proposal `g^2 / (sigma_t^2 Z)`
+    (each weighted by `Z sigma_t^2 / g^2`) or uniformly; the integral of `div f` (a
+    function of `t` only for these linear SDEs) is exact: `D log(alpha_T / alpha_eps)`.
 
-    The eps correction (Appendix B) accounts for starting at `eps > 0`: the model decodes
-    `x_eps` with `q(x | x_eps) = N((x_eps + sigma_eps^2 s(eps, x_eps)) / alpha_eps,
-    (sigma_eps / alpha_eps)^2 I)` (Tweedie's formula), which adds
-    `E[-log q(x | x_eps)] - H(p_0eps(. | x))` with `x_eps ~ p_0eps(. | x)`.
+    The eps correction (Appendix B) accounts for starting at `eps > 0`: the model
+    decodes `x_eps` with `q(x | x_eps) = N(mu, (sigma_eps / alpha_eps)^2 I)`, where
+    `mu = (x_eps + sigma_eps^2 s(eps, x_eps)) / alpha_eps` (Tweedie's formula), which
+    adds `E[-log q(x | x_eps)] - H(p_0eps(. | x))` with `x_eps ~ p_0eps(. | x)`.
 
     **Arguments:**
 
@@ -79,7 +79,8 @@ def nll_bound(
     - `x`: one example in model space (dequantized if the data are discrete).
     - `key`: PRNG key (keyword-only).
     - `num_t`: the number of `(t, z)` samples of the time integral.
-    - `importance_sampling`: draw `t` from the proposal (default) or uniformly on `[eps, T]`.
+    - `importance_sampling`: draw `t` from the proposal (default) or uniformly on
+        `[eps, T]`.
     - `eps_correction`: add the small-time correction.
     - `num_eps_samples`: the number of `x_eps` samples for the correction.
 
@@ -105,8 +106,8 @@ def nll_bound(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
-            f"`x` must be a floating-point example in model space, got dtype {x.dtype}. "
-            "Integer levels must be dequantized first (see `evaluate_bpd`)."
+            "`x` must be a floating-point example in model space, got dtype "
+            f"{x.dtype}. Integer levels must be dequantized first (see `evaluate_bpd`)."
         )
     sde, eps, d = flow.sde, flow.eps, x.size
     tkey, zkey, ekey = jr.split(key, 3)

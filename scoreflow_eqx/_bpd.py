@@ -1,5 +1,5 @@
-"""Dataset-level likelihood evaluation in bits per dimension, with dequantization done here
-(where the offset of the discrete likelihood cannot be forgotten) and confidence intervals."""
+"""Dataset-level likelihood evaluation in bits per dimension, with confidence intervals
+and with the dequantization done here, where its offset cannot be forgotten."""
 
 import math
 import warnings
@@ -24,9 +24,9 @@ from .data._discretization import Discretization
 METHODS: tuple[str, ...] = ("ode", "bound")
 SOLVE_MODES: tuple[str, ...] = ("per_example", "batched")
 
-#: `dequantizer(k, *, key) -> (x_model, log_q)`: model-space values of the integer levels
-#: `k` of one example and `log q(u | k)`, the log-density of the offsets `u in [0, 1)^D`
-#: (0 for uniform dequantization).
+#: `dequantizer(k, *, key) -> (x_model, log_q)`: model-space values of the integer
+#: levels `k` of one example and `log q(u | k)`, the log-density of the offsets
+#: `u in [0, 1)^D` (0 for uniform dequantization).
 Dequantizer = Callable[..., tuple[Float[Array, "*data"], Float[Array, ""]]]
 
 
@@ -117,8 +117,8 @@ def _check_data(data, discretization: Discretization) -> np.ndarray:
     elif not np.issubdtype(data.dtype, np.floating):
         raise ValueError(
             "`discretization` has num_levels=None (continuous data), so `data` must be "
-            f"floating point in model space, got dtype {data.dtype}. For discrete levels "
-            "pass `Discretization(num_levels=K, data_range=...)`."
+            f"floating point in model space, got dtype {data.dtype}. For discrete "
+            "levels pass `Discretization(num_levels=K, data_range=...)`."
         )
     return data
 
@@ -186,8 +186,9 @@ def evaluate_bpd(
         `discretization.num_levels = K`, or model-space floats when it is `None`.
         Floats with a discrete discretization are refused.
     - `discretization`: the [`scoreflow_eqx.data.Discretization`][] of the data.
-    - `key`: PRNG key (keyword-only) for dequantization, probes and times; each example's
-        randomness depends only on its index and the repeat, not on `batch_size`.
+    - `key`: PRNG key (keyword-only) for dequantization, probes and times; each
+        example's randomness depends only on its index and the repeat, not on
+        `batch_size`.
     - `method`: `"ode"` ([`scoreflow_eqx.ode_nll`][]) or `"bound"`
         ([`scoreflow_eqx.nll_bound`][]).
     - `batch_size`: examples per compiled batch.
@@ -195,9 +196,9 @@ def evaluate_bpd(
         uniform dequantization.
     - `num_repeats`: evaluations per example (fresh dequantization noise and probes),
         averaged per example.
-    - `solve_mode`: for `"ode"`: `"per_example"` (vmapped solves, each with its own steps;
-        the default, faster in our measurements) or `"batched"` (one solve of the whole
-        batch with a shared step size, as the paper's released code).
+    - `solve_mode`: for `"ode"`: `"per_example"` (vmapped solves, each with its own
+        steps; the default, faster in our measurements) or `"batched"` (one solve of the
+        whole batch with a shared step size, as the paper's released code).
     - `show_progress`: show a tqdm bar.
     - `**method_kwargs`: passed on to `ode_nll` (e.g. `divergence`, `rtol`, `atol`,
         `solver`) or to `nll_bound` (e.g. `num_t`, `eps_correction`).
@@ -283,8 +284,9 @@ def evaluate_bpd(
     finite = per_example[np.isfinite(per_example)]
     if num_failed:
         warnings.warn(
-            f"{num_failed} of {failed.size} likelihood evaluations failed (e.g. max_steps "
-            "reached); they are NaN in `per_example` and excluded from `bpd`.",
+            f"{num_failed} of {failed.size} likelihood evaluations failed (e.g. "
+            "max_steps reached); they are NaN in `per_example` and excluded from "
+            "`bpd`.",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -1,6 +1,7 @@
-"""Divergences `div F(x) = tr(dF/dx)` of a function on one example of any shape: the exact
-trace from vector-Jacobian or Jacobian-vector products with basis vectors, and Hutchinson's
-unbiased estimate `E_v[v^T (dF/dx) v]` (Hutchinson 1989; Grathwohl et al. 2019, FFJORD)."""
+"""Divergences `div F(x) = tr(dF/dx)` of a function on one example of any shape: the
+exact trace from vector-Jacobian or Jacobian-vector products with basis vectors, and
+Hutchinson's unbiased estimate `E_v[v^T (dF/dx) v]` (Hutchinson 1989; Grathwohl et al.
+2019, FFJORD)."""
 
 from collections.abc import Callable
 from typing import Literal
@@ -61,7 +62,8 @@ def value_and_exact_divergence(
     - `fn`: a function from arrays shaped like `x` to arrays shaped like `x`.
     - `x`: one example.
     - `mode`: `"reverse"` (VJPs) or `"forward"` (JVPs).
-    - `chunk_size`: the number of basis vectors per vmapped chunk; `None` for all at once.
+    - `chunk_size`: the number of basis vectors per vmapped chunk; `None` for all at
+        once.
 
     **Returns:** `(fn(x), divergence)`.
     """
@@ -92,12 +94,13 @@ def value_and_hutchinson_divergence(
     *,
     mode: JacobianMode = "reverse",
 ) -> tuple[Data, Scalar]:
-    """`fn(x)` and Hutchinson's estimate `mean_k v_k^T (d fn / dx) v_k` of its divergence.
+    """`fn(x)` and Hutchinson's estimate `mean_k v_k^T (d fn/dx) v_k` of its divergence.
 
     The estimate is unbiased when the probes have zero mean and identity covariance
-    (Rademacher or standard Gaussian; see [`scoreflow_eqx._divergence.sample_probes`][]).
-    `fn` is evaluated once; each probe costs one vector-Jacobian product (`"reverse"`) or
-    one Jacobian-vector product (`"forward"`).
+    (Rademacher or standard Gaussian; see
+    [`scoreflow_eqx._divergence.sample_probes`][]). `fn` is evaluated once; each probe
+    costs one vector-Jacobian product (`"reverse"`) or one Jacobian-vector product
+    (`"forward"`).
 
     **Arguments:**
 
@@ -135,7 +138,7 @@ def sample_probes(
     probe: Probe = "rademacher",
     num_probes: int = 1,
 ) -> Float[Array, " num_probes *data"]:
-    """Probe vectors for Hutchinson's estimator, shape `(num_probes, *shape)`: Rademacher
+    """Probes for Hutchinson's estimator, shape `(num_probes, *shape)`: Rademacher
     (`+-1`, the lower-variance choice) or standard Gaussian."""
     check_probe(probe)
     if num_probes < 1:

@@ -38,9 +38,9 @@ def evaluations_per_step(solver: dfx.AbstractSolver) -> tuple[int, int]:
     """`(per_step, initial)` such that a solve of `num_steps` steps (accepted and
     rejected) evaluates the vector field `per_step * num_steps + initial` times.
 
-    Explicit Runge-Kutta methods with `s` stages take `s` evaluations per step, or `s - 1`
-    plus one initial evaluation when they are first-same-as-last (FSAL): Dopri5 and Tsit5
-    give `6 * num_steps + 1`. Euler takes one per step.
+    Explicit Runge-Kutta methods with `s` stages take `s` evaluations per step, or
+    `s - 1` plus one initial evaluation when they are first-same-as-last (FSAL):
+    Dopri5 and Tsit5 give `6 * num_steps + 1`. Euler takes one per step.
     """
     tableau = getattr(solver, "tableau", None)
     if isinstance(solver, dfx.AbstractERK) and isinstance(tableau, dfx.ButcherTableau):
@@ -50,8 +50,8 @@ def evaluations_per_step(solver: dfx.AbstractSolver) -> tuple[int, int]:
     if type(solver) is dfx.Euler:
         return 1, 0
     raise ValueError(
-        "The likelihood solve needs an explicit solver whose cost per step is known: an "
-        "explicit Runge-Kutta method (e.g. dfx.Dopri5(), dfx.Tsit5(), dfx.Dopri8(), "
+        "The likelihood solve needs an explicit solver whose cost per step is known: "
+        "an explicit Runge-Kutta method (e.g. dfx.Dopri5(), dfx.Tsit5(), dfx.Dopri8(), "
         f"dfx.Bosh3(), dfx.Heun()) or dfx.Euler(); got {type(solver).__name__}."
     )
 
@@ -65,12 +65,13 @@ class ODENLLResult(eqx.Module):
     - `nll`: `-log p_ODE(x)` in nats (the continuous density of the model-space data);
         NaN when the solve failed.
     - `z`: the latent `x(T)`.
-    - `delta_logp`: `int_eps^T div h(t, x(t)) dt`, so that `log p(x) = prior_logp + delta_logp`.
+    - `delta_logp`: `int_eps^T div h(t, x(t)) dt`, so that `log p(x) = prior_logp +
+        delta_logp`.
     - `prior_logp`: `log prior(z)`.
     - `nfe`: the number of score-network evaluations of this solve.
     - `result`: a `diffrax.RESULTS` (check with `diffrax.is_successful`).
-    - `stats`: diffrax's statistics (`num_steps`, `num_accepted_steps`, `num_rejected_steps`,
-        `max_steps`).
+    - `stats`: diffrax's statistics (`num_steps`, `num_accepted_steps`,
+        `num_rejected_steps`, `max_steps`).
     """
 
     nll: Float[Array, "*batch"]
@@ -173,23 +174,23 @@ def ode_nll(
     throw: bool = False,
     progress_meter: dfx.AbstractProgressMeter = dfx.NoProgressMeter(),
 ) -> ODENLLResult:
-    """Negative log-likelihood of one example under the probability-flow ODE (a continuous
-    normalizing flow), in nats.
+    """Negative log-likelihood of one example under the probability-flow ODE (a
+    continuous normalizing flow), in nats.
 
-    Solves `dx/dt = h(t, x) = f(x, t) - 1/2 g(t)^2 s(t, x)` from `flow.eps` to `T` together
-    with `d delta/dt = div h(t, x)` (one pytree state, no flattening), then
+    Solves `dx/dt = h(t, x) = f(x, t) - 1/2 g(t)^2 s(t, x)` from `flow.eps` to `T`
+    together with `d delta/dt = div h(t, x)` (one pytree state, no flattening), then
     `log p_ODE(x) = log prior(x(T)) + delta(T)`. The drift's divergence is exact; the
-    score's is the exact trace or Hutchinson's estimate with probes drawn once per solve.
-    Under `jax.vmap` every example keeps its own adaptive steps and its own NFE.
+    score's is the exact trace or Hutchinson's estimate with probes drawn once per
+    solve. Under `jax.vmap` every example keeps its own adaptive steps and its own NFE.
 
     **Arguments:**
 
     - `flow`: the [`scoreflow_eqx.ScoreFlow`][].
-    - `x`: one example in model space (no batch axis); for discrete data it must already be
-        dequantized ([`scoreflow_eqx.evaluate_bpd`][] does that for whole datasets).
+    - `x`: one example in model space (no batch axis); for discrete data it must already
+        be dequantized ([`scoreflow_eqx.evaluate_bpd`][] does that for whole datasets).
     - `key`: PRNG key for the Hutchinson probes (keyword-only; unused by `"exact"`).
-    - `divergence`: `"hutchinson"` (default; one extra VJP/JVP per evaluation and probe) or
-        `"exact"` (`D` of them, chunked by `chunk_size`).
+    - `divergence`: `"hutchinson"` (default; one extra VJP/JVP per evaluation and probe)
+        or `"exact"` (`D` of them, chunked by `chunk_size`).
     - `probe`: `"rademacher"` or `"gaussian"` Hutchinson probes.
     - `num_probes`: the number of probes averaged at each evaluation.
     - `jacobian_mode`: `"reverse"` (vector-Jacobian products) or `"forward"`
@@ -221,8 +222,8 @@ def ode_nll(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
-            f"`x` must be a floating-point example in model space, got dtype {x.dtype}. "
-            "Integer levels must be dequantized first (see `evaluate_bpd`)."
+            "`x` must be a floating-point example in model space, got dtype "
+            f"{x.dtype}. Integer levels must be dequantized first (see `evaluate_bpd`)."
         )
     if divergence == "hutchinson":
         probes = sample_probes(
@@ -279,14 +280,14 @@ def ode_nll_batched(
     throw: bool = False,
     progress_meter: dfx.AbstractProgressMeter = dfx.NoProgressMeter(),
 ) -> ODENLLResult:
-    """[`scoreflow_eqx.ode_nll`][] for a whole batch as ONE ODE with one shared step size,
-    as the paper's released code does (its error norm runs over the whole batch).
+    """[`scoreflow_eqx.ode_nll`][] for a whole batch as ONE ODE with one shared step
+    size, as the paper's released code does (its error norm runs over the whole batch).
 
     Same arguments as `ode_nll`, except that `xs` carries a leading batch axis. The
-    returned fields are per example, except `nfe`, `result` and `stats`, which are shared
-    by the batch (`nfe` is broadcast to the batch shape). Usually slower per example than
-    `jax.vmap(ode_nll)` at equal accuracy: the hardest example sets everyone's step; see
-    `benchmarks/README.md`.
+    returned fields are per example, except `nfe`, `result` and `stats`, which are
+    shared by the batch (`nfe` is broadcast to the batch shape). Usually slower per
+    example than `jax.vmap(ode_nll)` at equal accuracy: the hardest example sets
+    everyone's step; see `benchmarks/README.md`.
     """
     _check_options(divergence, probe, num_probes, jacobian_mode, key)
     per_step, initial = evaluations_per_step(solver)

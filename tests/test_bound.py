@@ -19,7 +19,8 @@ SDES = {
     "vp": sf.VPSDE(),
     "subvp": sf.SubVPSDE(),
     "ve": sf.VESDE(),
-    # A large sigma_min makes the eps correction large: it must be right, not just small.
+    # A large sigma_min makes the eps correction large: it must be right, not just
+    # small.
     "ve-wide": sf.VESDE(sigma_min=0.1, sigma_max=50.0),
 }
 
@@ -40,9 +41,10 @@ def gaussian_expected_bound(sde, eps, x):
 
     With the exact score and the Fokker-Planck equation, the time integral equals
     `E[log p_T(x_T)] - E[log p_eps(x_eps)]` (expectations under p_0t(. | x)), so the
-    bound is `E[-log prior(x_T) + log p_T(x_T)] + E[-log p_eps(x_eps)] + correction`; for
-    a Gaussian all of these are closed forms. Returns (bound, correction, -log p_model(x))
-    where p_model is the Gaussian that the SDE model with Tweedie decoder defines.
+    bound is `E[-log prior(x_T) + log p_T(x_T)] + E[-log p_eps(x_eps)] + correction`;
+    for a Gaussian all of these are closed forms. Returns (bound, correction,
+    -log p_model(x)) where p_model is the Gaussian that the SDE model with the Tweedie
+    decoder defines.
     """
     v = STD**2
 

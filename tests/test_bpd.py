@@ -51,8 +51,8 @@ def test_student_t_quantile():
     np.testing.assert_allclose(student_t_quantile(0.1, 4), scipy_stats.t.ppf(0.1, 4))
 
 
-# Fine cells (any number of levels works), so that the dequantization noise within a cell
-# is far below the tolerance of the per-example check.
+# Fine cells (any number of levels works), so that the dequantization noise within a
+# cell is far below the tolerance of the per-example check.
 DISC = sf.data.Discretization(num_levels=4096, data_range=(-3.0, 3.0))
 
 
@@ -162,7 +162,8 @@ def test_evaluate_bpd_continuous_and_variational_hook(setting):
     expected = -jax.vmap(p_eps.log_prob)(jnp.asarray(xs)) / (2 * math.log(2))
     np.testing.assert_allclose(cont.per_example, expected, atol=0.01)
 
-    # A dequantizer with its own log q: the cell centre with log q = 1 adds 1 / (D ln 2).
+    # A dequantizer with its own log q: the cell centre with log q = 1 adds
+    # 1 / (D ln 2).
     def centre(k, *, key):
         return DISC.dequantize(k, 0.5), jnp.ones(())
 

@@ -1,5 +1,6 @@
-"""Probability-flow ODE likelihoods against closed forms (Gaussian mixtures with their exact
-score under VP, sub-VP and VE), NFE against counted network calls, and failure reporting."""
+"""Probability-flow ODE likelihoods against closed forms (Gaussian mixtures with their
+exact score under VP, sub-VP and VE), NFE against counted network calls, and failure
+reporting."""
 
 import diffrax as dfx
 import equinox as eqx
@@ -49,7 +50,7 @@ def _vmapped_nll(flow, xs, keys, kwargs):
     return jax.vmap(lambda x, k: sf.ode_nll(flow, x, key=k, **kwargs))(xs, keys)
 
 
-# ---- divergence estimators -------------------------------------------------------------
+# ---- divergence estimators -----------------------------------------------------------
 
 
 @jax.jit
@@ -99,7 +100,7 @@ def test_hutchinson_divergence_unbiased(mode, probe):
         assert set(np.unique(np.asarray(probes))) == {-1.0, 1.0}
 
 
-# ---- ODE NLL against the closed form ---------------------------------------------------
+# ---- ODE NLL against the closed form -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -156,7 +157,7 @@ def test_hutchinson_nll_unbiased(points, name, probe, num_probes, jacobian_mode)
     assert abs(res.nll.mean() - expected) < 4 * se + 1e-4
 
 
-# ---- NFE: an honest count --------------------------------------------------------------
+# ---- NFE: an honest count ------------------------------------------------------------
 
 
 class _CountingNet(eqx.Module):
@@ -242,7 +243,7 @@ def test_batched_solve_agrees(points):
     assert len(set(np.asarray(res.nfe).tolist())) == 1
 
 
-# ---- failures ---------------------------------------------------------------------------
+# ---- failures ------------------------------------------------------------------------
 
 
 def test_max_steps_failure_is_reported(points):

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from ._custom_types import Data
 from ._divergence import (
@@ -113,6 +113,11 @@ def _augmented_vector_field(
     return vector_field
 
 
+def _is_raw_key(key) -> bool:
+    # A legacy uint32 key has shape (2,); typed keys have a key dtype.
+    return not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
 def _check_options(divergence, probe, num_probes, jacobian_mode, key):
     check_divergence(divergence)
     check_probe(probe)
@@ -164,7 +169,7 @@ def ode_nll(
     divergence: Divergence = "hutchinson",
     probe: Probe = "rademacher",
     num_probes: int = 1,
-    jacobian_mode: JacobianMode = "reverse",
+    jacobian_mode: JacobianMode = "forward",
     chunk_size: int | None = None,
     solver: dfx.AbstractSolver = dfx.Dopri5(),
     rtol: float = 1e-5,
@@ -193,8 +198,11 @@ def ode_nll(
         or `"exact"` (`D` of them, chunked by `chunk_size`).
     - `probe`: `"rademacher"` or `"gaussian"` Hutchinson probes.
     - `num_probes`: the number of probes averaged at each evaluation.
-    - `jacobian_mode`: `"reverse"` (vector-Jacobian products) or `"forward"`
-        (Jacobian-vector products, forward mode).
+    - `jacobian_mode`: `"forward"` (default: Jacobian-vector products) or `"reverse"`
+        (vector-Jacobian products, as the paper's released code). Forward mode was
+        never slower in `benchmarks/nfe_per_nll.py` and several times faster for
+        convolutional nets on CPU, whose reverse-mode convolutions are slow inside
+        XLA loops; it also stores no activations.
     - `chunk_size`: for `"exact"`, how many basis vectors are vmapped at once.
     - `solver`: an explicit diffrax solver; `Dopri5` by default (the RK45 of the paper).
     - `rtol`, `atol`: tolerances of the `diffrax.PIDController` (1e-5, as in the paper).
@@ -266,11 +274,11 @@ def ode_nll_batched(
     flow: ScoreFlow,
     xs: Float[Array, " batch *data"],
     *,
-    key: PRNGKeyArray | None = None,
+    key: PRNGKeyArray | Key[Array, " batch"] | None = None,
     divergence: Divergence = "hutchinson",
     probe: Probe = "rademacher",
     num_probes: int = 1,
-    jacobian_mode: JacobianMode = "reverse",
+    jacobian_mode: JacobianMode = "forward",
     chunk_size: int | None = None,
     solver: dfx.AbstractSolver = dfx.Dopri5(),
     rtol: float = 1e-5,
@@ -283,11 +291,14 @@ def ode_nll_batched(
     """[`scoreflow_eqx.ode_nll`][] for a whole batch as ONE ODE with one shared step
     size, as the paper's released code does (its error norm runs over the whole batch).
 
-    Same arguments as `ode_nll`, except that `xs` carries a leading batch axis. The
-    returned fields are per example, except `nfe`, `result` and `stats`, which are
-    shared by the batch (`nfe` is broadcast to the batch shape). Usually slower per
-    example than `jax.vmap(ode_nll)` at equal accuracy: the hardest example sets
-    everyone's step; see `benchmarks/README.md`.
+    Same arguments as `ode_nll`, except that `xs` carries a leading batch axis and
+    `key` may be one key or one key per example (example `i` then gets the probes that
+    `ode_nll` draws from `key[i]`). The returned fields are per example, except `nfe`,
+    `result` and `stats`, which the batch shares (`nfe` is broadcast to the batch
+    shape). The error control runs over the whole batch (RMS), so each example's result
+    depends slightly on its batch-mates. On CPU this was faster than
+    `jax.vmap(ode_nll)` in every batched case of `benchmarks/nfe_per_nll.py`: the
+    vmapped solves run until the slowest example is done, at a higher cost per step.
     """
     _check_options(divergence, probe, num_probes, jacobian_mode, key)
     per_step, initial = evaluations_per_step(solver)
@@ -298,7 +309,7 @@ def ode_nll_batched(
             lambda k: sample_probes(
                 k, xs.shape[1:], xs.dtype, probe=probe, num_probes=num_probes
             )
-        )(jr.split(key, batch))
+        )(key if jnp.ndim(key) == 1 and not _is_raw_key(key) else jr.split(key, batch))
     else:
         probes = None
     single = _augmented_vector_field(flow, divergence, jacobian_mode, chunk_size)

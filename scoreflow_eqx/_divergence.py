@@ -4,7 +4,6 @@ Hutchinson's unbiased estimate `E_v[v^T (dF/dx) v]` (Hutchinson 1989; Grathwohl 
 2019, FFJORD)."""
 
 from collections.abc import Callable
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._custom_types import Data, Scalar
 
 
-JacobianMode = Literal["reverse", "forward"]
 JACOBIAN_MODES: tuple[str, ...] = ("reverse", "forward")
-Probe = Literal["rademacher", "gaussian"]
 PROBES: tuple[str, ...] = ("rademacher", "gaussian")
 
 
@@ -48,7 +45,7 @@ def value_and_exact_divergence(
     fn: Callable[[Data], Data],
     x: Data,
     *,
-    mode: JacobianMode = "reverse",
+    mode: str = "reverse",
     chunk_size: int | None = None,
 ) -> tuple[Data, Scalar]:
     """`fn(x)` and the exact divergence `tr(d fn / dx)` at `x`, for `x` of any shape.
@@ -92,7 +89,7 @@ def value_and_hutchinson_divergence(
     x: Data,
     probes: Float[Array, " num_probes *data"],
     *,
-    mode: JacobianMode = "reverse",
+    mode: str = "reverse",
 ) -> tuple[Data, Scalar]:
     """`fn(x)` and Hutchinson's estimate `mean_k v_k^T (d fn/dx) v_k` of its divergence.
 
@@ -135,7 +132,7 @@ def sample_probes(
     shape: tuple[int, ...],
     dtype,
     *,
-    probe: Probe = "rademacher",
+    probe: str = "rademacher",
     num_probes: int = 1,
 ) -> Float[Array, " num_probes *data"]:
     """Probes for Hutchinson's estimator, shape `(num_probes, *shape)`: Rademacher

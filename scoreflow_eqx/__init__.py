@@ -2,7 +2,14 @@
 diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax."""
 
 from . import data as data, nets as nets, plotting as plotting
+from ._bound import nll_bound as nll_bound, NLLBoundResult as NLLBoundResult
+from ._bpd import BPDResult as BPDResult, evaluate_bpd as evaluate_bpd
 from ._flow import ScoreFlow as ScoreFlow
+from ._likelihood import (
+    ode_nll as ode_nll,
+    ode_nll_batched as ode_nll_batched,
+    ODENLLResult as ODENLLResult,
+)
 from ._mixture import GaussianMixture as GaussianMixture
 from ._sampling import (
     decode as decode,

@@ -99,15 +99,12 @@ class PlaceholderConvNet(eqx.Module):
         keys = jr.split(key, depth + 2)
         sizes = [channels] + [width] * depth
         self.weights = [
-            jr.normal(keys[i], (3, 3, sizes[i], sizes[i + 1]), DTYPE)
-            / math.sqrt(9 * sizes[i])
+            jr.normal(keys[i], (3, 3, sizes[i], sizes[i + 1]), DTYPE) / math.sqrt(9 * sizes[i])
             for i in range(depth)
         ]
         self.biases = [jnp.zeros(width, DTYPE) for _ in range(depth)]
         self.time_proj = eqx.nn.Linear(32, width * depth, key=keys[-2], dtype=DTYPE)
-        self.out_weight = jr.normal(
-            keys[-1], (3, 3, width, channels), DTYPE
-        ) / math.sqrt(9 * width)
+        self.out_weight = jr.normal(keys[-1], (3, 3, width, channels), DTYPE) / math.sqrt(9 * width)
 
     def __call__(self, t, x):
         dn = ("NHWC", "HWIO", "NHWC")
@@ -118,9 +115,7 @@ class PlaceholderConvNet(eqx.Module):
         for w, b, c in zip(self.weights, self.biases, tb):
             h = jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=dn)
             h = jax.nn.silu(h + b + c)
-        h = jax.lax.conv_general_dilated(
-            h, self.out_weight, (1, 1), "SAME", dimension_numbers=dn
-        )
+        h = jax.lax.conv_general_dilated(h, self.out_weight, (1, 1), "SAME", dimension_numbers=dn)
         return jnp.transpose(h[0], (2, 0, 1)).astype(x.dtype)
 
 
@@ -187,9 +182,9 @@ def make_solve(divergence, jacobian_mode, solver, mode):
     def solve(flow, xs, key, tol):
         if mode == "vmap":
             keys = jr.split(key, xs.shape[0])
-            res = jax.vmap(
-                lambda x, k: sf.ode_nll(flow, x, key=k, rtol=tol, atol=tol, **kwargs)
-            )(xs, keys)
+            res = jax.vmap(lambda x, k: sf.ode_nll(flow, x, key=k, rtol=tol, atol=tol, **kwargs))(
+                xs, keys
+            )
         else:
             res = sf.ode_nll_batched(flow, xs, key=key, rtol=tol, atol=tol, **kwargs)
         return res.nll, res.nfe, res.z
@@ -345,15 +340,12 @@ def run():
                 floor = cost_nfe * per_eval
                 err = None
                 if exact_score:
-                    ana = jax.vmap(lambda x, z: analytic_nll(flow, mixture, x, z))(
-                        xs, z
-                    )
+                    ana = jax.vmap(lambda x, z: analytic_nll(flow, mixture, x, z))(xs, z)
                     err = float(jnp.mean(jnp.abs(nll - ana)))
                 row = dict(
                     problem=problem,
                     batch=batch,
-                    divergence=divergence
-                    + ("" if divergence == "exact" else f" ({jmode[:3]})"),
+                    divergence=divergence + ("" if divergence == "exact" else f" ({jmode[:3]})"),
                     solver=sname,
                     mode=mode,
                     tol=tol,
@@ -376,9 +368,7 @@ def run():
                         ana = jax.vmap(lambda x, z: analytic_nll(flow, mixture, x, z))(
                             xs, jnp.asarray(s_z, xs.dtype)
                         )
-                        row["scipy_err"] = float(
-                            np.mean(np.abs(s_nll - np.asarray(ana)))
-                        )
+                        row["scipy_err"] = float(np.mean(np.abs(s_nll - np.asarray(ana))))
                     row["nll_diff"] = float(np.max(np.abs(s_nll - np.asarray(nll))))
                 rows.append(row)
                 print(format_row(row), flush=True)
@@ -408,9 +398,7 @@ def format_row(r):
 
 
 def main():
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, dtype {DTYPE.__name__}"
-    )
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, dtype {DTYPE.__name__}")
     print(HEADER)
     rows, notes = run()
     table = "\n".join(

@@ -100,9 +100,7 @@ def nll_bound(
     if num_t < 1:
         raise ValueError(f"`num_t` must be a positive integer, got {num_t!r}.")
     if eps_correction and num_eps_samples < 1:
-        raise ValueError(
-            f"`num_eps_samples` must be a positive integer, got {num_eps_samples!r}."
-        )
+        raise ValueError(f"`num_eps_samples` must be a positive integer, got {num_eps_samples!r}.")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
@@ -159,9 +157,7 @@ def nll_bound(
             residual = flow.scaled_score(eps, alpha_eps * x + sigma_eps * z) + z
             return 0.5 * (jnp.sum(residual**2) - jnp.sum(z**2))
 
-        decoder, decoder_variance = _mean_and_variance_of_mean(
-            jax.vmap(decoder_term)(es)
-        )
+        decoder, decoder_variance = _mean_and_variance_of_mean(jax.vmap(decoder_term)(es))
         correction = decoder - d * jnp.log(alpha_eps)
         variance = variance + decoder_variance
         nfe = nfe + num_eps_samples

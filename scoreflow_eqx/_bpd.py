@@ -134,16 +134,14 @@ def _dequantize(discretization, dequantizer, k, key, dtype):
 
 
 @eqx.filter_jit
-def _evaluate_batch(
-    flow, batch, keys, discretization, dequantizer, method, solve_mode, kwargs
-):
+def _evaluate_batch(flow, batch, keys, discretization, dequantizer, method, solve_mode, kwargs):
     # Returns per-example (nll in nats incl. log q, nfe, failed).
     dtype = jnp.zeros(()).dtype
     split = jax.vmap(jr.split)(keys)
     dkeys, mkeys = split[:, 0], split[:, 1]
-    xs, log_q = jax.vmap(
-        lambda k, key: _dequantize(discretization, dequantizer, k, key, dtype)
-    )(batch, dkeys)
+    xs, log_q = jax.vmap(lambda k, key: _dequantize(discretization, dequantizer, k, key, dtype))(
+        batch, dkeys
+    )
     if method == "bound":
         res = jax.vmap(lambda x, key: nll_bound(flow, x, key=key, **kwargs))(xs, mkeys)
         failed = ~jnp.isfinite(res.nll)
@@ -209,13 +207,9 @@ def evaluate_bpd(
     **Returns:** a [`scoreflow_eqx.BPDResult`][].
     """
     if method not in METHODS:
-        raise ValueError(
-            f"Unknown method {method!r}; valid methods are {list(METHODS)}."
-        )
+        raise ValueError(f"Unknown method {method!r}; valid methods are {list(METHODS)}.")
     if solve_mode not in SOLVE_MODES:
-        raise ValueError(
-            f"Unknown solve_mode {solve_mode!r}; valid modes are {list(SOLVE_MODES)}."
-        )
+        raise ValueError(f"Unknown solve_mode {solve_mode!r}; valid modes are {list(SOLVE_MODES)}.")
     if not isinstance(discretization, Discretization):
         raise TypeError(
             "`discretization` must be a scoreflow_eqx.data.Discretization, got "
@@ -276,9 +270,7 @@ def evaluate_bpd(
                     if done.size
                     else float("nan")
                 )
-                bar.set_postfix(
-                    bpd=f"{running:.4f}", nfe=f"{float(np.mean(batch_nfe[:m])):.0f}"
-                )
+                bar.set_postfix(bpd=f"{running:.4f}", nfe=f"{float(np.mean(batch_nfe[:m])):.0f}")
                 bar.update()
     nll = np.where(failed, np.nan, nll)
     per_example_nll = nll.mean(axis=0)

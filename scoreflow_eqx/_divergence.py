@@ -66,9 +66,7 @@ def value_and_exact_divergence(
     """
     check_jacobian_mode(mode)
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(
-            f"`chunk_size` must be a positive integer or None, got {chunk_size!r}."
-        )
+        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
     fx, linear = _linear_map(fn, x, mode)
     d = x.size
 
@@ -110,9 +108,7 @@ def value_and_hutchinson_divergence(
     """
     check_jacobian_mode(mode)
     if probes.shape[1:] != x.shape:
-        raise ValueError(
-            f"`probes` must have shape (num_probes, *{x.shape}), got {probes.shape}."
-        )
+        raise ValueError(f"`probes` must have shape (num_probes, *{x.shape}), got {probes.shape}.")
     if probes.shape[0] == 1:
         v = probes[0]
         if mode == "forward":
@@ -139,9 +135,7 @@ def sample_probes(
     (`+-1`, the lower-variance choice) or standard Gaussian."""
     check_probe(probe)
     if num_probes < 1:
-        raise ValueError(
-            f"`num_probes` must be a positive integer, got {num_probes!r}."
-        )
+        raise ValueError(f"`num_probes` must be a positive integer, got {num_probes!r}.")
     full_shape = (num_probes, *shape)
     if probe == "rademacher":
         return jr.rademacher(key, full_shape, dtype)

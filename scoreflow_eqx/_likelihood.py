@@ -17,6 +17,7 @@ from ._divergence import (
     value_and_hutchinson_divergence,
 )
 from ._flow import ScoreFlow
+from ._solver import evaluations_per_step
 
 
 DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")
@@ -24,31 +25,7 @@ DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")
 
 def check_divergence(divergence: str) -> None:
     if divergence not in DIVERGENCES:
-        raise ValueError(
-            f"Unknown divergence {divergence!r}; valid ones are {list(DIVERGENCES)}."
-        )
-
-
-def evaluations_per_step(solver: dfx.AbstractSolver) -> tuple[int, int]:
-    """`(per_step, initial)` such that a solve of `num_steps` steps (accepted and
-    rejected) evaluates the vector field `per_step * num_steps + initial` times.
-
-    Explicit Runge-Kutta methods with `s` stages take `s` evaluations per step, or
-    `s - 1` plus one initial evaluation when they are first-same-as-last (FSAL):
-    Dopri5 and Tsit5 give `6 * num_steps + 1`. Euler takes one per step.
-    """
-    tableau = getattr(solver, "tableau", None)
-    if isinstance(solver, dfx.AbstractERK) and isinstance(tableau, dfx.ButcherTableau):
-        if tableau.fsal:
-            return tableau.num_stages - 1, 1
-        return tableau.num_stages, 0
-    if type(solver) is dfx.Euler:
-        return 1, 0
-    raise ValueError(
-        "The likelihood solve needs an explicit solver whose cost per step is known: "
-        "an explicit Runge-Kutta method (e.g. dfx.Dopri5(), dfx.Tsit5(), dfx.Dopri8(), "
-        f"dfx.Bosh3(), dfx.Heun()) or dfx.Euler(); got {type(solver).__name__}."
-    )
+        raise ValueError(f"Unknown divergence {divergence!r}; valid ones are {list(DIVERGENCES)}.")
 
 
 class ODENLLResult(eqx.Module):
@@ -78,9 +55,7 @@ class ODENLLResult(eqx.Module):
     stats: dict
 
 
-def _augmented_vector_field(
-    flow: ScoreFlow, divergence: str, jacobian_mode: str, chunk_size
-):
+def _augmented_vector_field(flow: ScoreFlow, divergence: str, jacobian_mode: str, chunk_size):
     # d(x, delta)/dt = (h(t, x), div h(t, x)) with h = f - 1/2 g^2 s, and
     # div h = div f - 1/2 g^2 div s: the drift's divergence is exact, the score's is
     # exact or Hutchinson's estimate with the probes carried in `args`.
@@ -95,14 +70,10 @@ def _augmented_vector_field(
                 score, x, mode=jacobian_mode, chunk_size=chunk_size
             )
         else:
-            s, div_s = value_and_hutchinson_divergence(
-                score, x, probes, mode=jacobian_mode
-            )
+            s, div_s = value_and_hutchinson_divergence(score, x, probes, mode=jacobian_mode)
         sde = flow.sde
         velocity = sde.probability_flow(lambda t, x: s, t, x)
-        div_velocity = (
-            sde.drift_divergence(t, x) - 0.5 * sde.diffusion_squared(t) * div_s
-        )
+        div_velocity = sde.drift_divergence(t, x) - 0.5 * sde.diffusion_squared(t) * div_s
         return velocity, div_velocity.astype(x.dtype)
 
     return vector_field
@@ -118,9 +89,7 @@ def _check_options(divergence, probe, num_probes, jacobian_mode, key):
     check_probe(probe)
     check_jacobian_mode(jacobian_mode)
     if num_probes < 1:
-        raise ValueError(
-            f"`num_probes` must be a positive integer, got {num_probes!r}."
-        )
+        raise ValueError(f"`num_probes` must be a positive integer, got {num_probes!r}.")
     if divergence == "hutchinson" and key is None:
         raise ValueError(
             "`divergence='hutchinson'` draws random probes: pass `key=`, or use "
@@ -229,9 +198,7 @@ def ode_nll(
             f"{x.dtype}. Integer levels must be dequantized first (see `evaluate_bpd`)."
         )
     if divergence == "hutchinson":
-        probes = sample_probes(
-            key, x.shape, x.dtype, probe=probe, num_probes=num_probes
-        )
+        probes = sample_probes(key, x.shape, x.dtype, probe=probe, num_probes=num_probes)
     else:
         probes = None
     vector_field = _augmented_vector_field(flow, divergence, jacobian_mode, chunk_size)
@@ -301,18 +268,14 @@ def ode_nll_batched(
     batch = xs.shape[0]
     if divergence == "hutchinson":
         probes = jax.vmap(
-            lambda k: sample_probes(
-                k, xs.shape[1:], xs.dtype, probe=probe, num_probes=num_probes
-            )
+            lambda k: sample_probes(k, xs.shape[1:], xs.dtype, probe=probe, num_probes=num_probes)
         )(key if jnp.ndim(key) == 1 and not _is_raw_key(key) else jr.split(key, batch))
     else:
         probes = None
     single = _augmented_vector_field(flow, divergence, jacobian_mode, chunk_size)
 
     def vector_field(t, y, probes):
-        return jax.vmap(single, in_axes=(None, 0, 0 if probes is not None else None))(
-            t, y, probes
-        )
+        return jax.vmap(single, in_axes=(None, 0, 0 if probes is not None else None))(t, y, probes)
 
     y0 = (xs, jnp.zeros((batch,), xs.dtype))
     sol = _solve(

@@ -24,6 +24,7 @@ from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray
 
 from ._custom_types import Data, RealScalarLike
 from ._flow import ScoreFlow
+from ._solver import num_function_evaluations
 
 
 METHODS: tuple[str, ...] = ("ode", "sde", "pc")
@@ -56,30 +57,6 @@ class SampleResult(eqx.Module):
 
 
 # ---- helpers -------------------------------------------------------------------------
-
-
-def _evals_per_step(solver: dfx.AbstractSolver) -> tuple[int, int]:
-    """`(per_step, once)` such that a solve of `n` steps evaluates the vector field
-    `per_step * n + once` times."""
-    if isinstance(solver, dfx.AbstractRungeKutta):
-        tableau = solver.tableau
-        if isinstance(tableau, dfx.MultiButcherTableau):
-            tableau = tableau.tableaus[0]
-        if tableau.fsal:  # first same as last: one extra evaluation to start with
-            return tableau.num_stages - 1, 1
-        return tableau.num_stages, 0
-    if isinstance(solver, dfx.Euler):
-        return 1, 0
-    raise ValueError(
-        f"Cannot count the function evaluations of {type(solver).__name__}; use "
-        "`diffrax.Euler` or an explicit Runge-Kutta solver (`diffrax.Dopri5`, "
-        "`diffrax.Tsit5`, `diffrax.Heun`, `diffrax.Midpoint`, ...)."
-    )
-
-
-def _nfe(solver: dfx.AbstractSolver, num_steps: Array) -> Array:
-    per_step, once = _evals_per_step(solver)
-    return per_step * num_steps + once
 
 
 def _resolve_shape(flow: ScoreFlow, shape: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -240,7 +217,7 @@ def decode(
         throw=throw,
         progress_meter=progress_meter,
     )
-    nfe = _nfe(solver, num_steps)
+    nfe = num_function_evaluations(solver, num_steps)
     if denoise:
         x = tweedie_denoise(flow, flow.eps, x)
         nfe = nfe + 1
@@ -283,7 +260,9 @@ def encode(
         throw=throw,
         progress_meter=progress_meter,
     )
-    return SampleResult(x=z, nfe=_nfe(solver, num_steps), num_steps=num_steps, result=result)
+    return SampleResult(
+        x=z, nfe=num_function_evaluations(solver, num_steps), num_steps=num_steps, result=result
+    )
 
 
 # ---- fixed-step samplers: predictor / corrector steps --------------------------------
@@ -527,7 +506,7 @@ def sample(
         )
         assert sol.ys is not None
         x, steps, result = sol.ys[0], sol.stats["num_steps"], sol.result
-        nfe = _nfe(solver, steps)
+        nfe = num_function_evaluations(solver, steps)
     else:
         _check_choice("predictor", predictor, PREDICTORS)
         _check_choice("corrector_step_size", corrector_step_size, CORRECTOR_STEP_SIZES)

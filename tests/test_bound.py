@@ -50,15 +50,13 @@ def gaussian_expected_bound(sde, eps, x):
 
     def expected_neg_logpdf(mean, var, centre, spread):
         # E[-log N(y; mean, var)] for y ~ N(centre, spread), per dimension, summed.
-        return 0.5 * jnp.sum(
-            jnp.log(2 * math.pi * var) + ((centre - mean) ** 2 + spread) / var
-        )
+        return 0.5 * jnp.sum(jnp.log(2 * math.pi * var) + ((centre - mean) ** 2 + spread) / var)
 
     a_T, s_T = sde.marginal(sde.T)
     prior_var = sde.prior_std() ** 2
-    mismatch = expected_neg_logpdf(
-        0.0, prior_var, a_T * x, s_T**2
-    ) - expected_neg_logpdf(a_T * MEAN, a_T**2 * v + s_T**2, a_T * x, s_T**2)
+    mismatch = expected_neg_logpdf(0.0, prior_var, a_T * x, s_T**2) - expected_neg_logpdf(
+        a_T * MEAN, a_T**2 * v + s_T**2, a_T * x, s_T**2
+    )
     a, s = sde.marginal(eps)
     V = a**2 * v + s**2
     at_eps = expected_neg_logpdf(a * MEAN, V, a * x, s**2)
@@ -84,9 +82,7 @@ def test_bound_matches_closed_form_gaussian(name):
     )(xs)
     assert bool(jnp.all(res.stderr > 0))
     np.testing.assert_array_less(jnp.abs(res.nll - expected), 4 * res.stderr)
-    np.testing.assert_allclose(
-        res.nll, res.prior_term + res.diffusion_term + res.eps_correction
-    )
+    np.testing.assert_allclose(res.nll, res.prior_term + res.diffusion_term + res.eps_correction)
     assert bool(jnp.all(res.nfe == 22_000))
     # The (exact) expected bound is an upper bound on the model's NLL, and tight up to
     # the small-time decoder gap.

@@ -18,9 +18,7 @@ def test_bits_per_dim_identities():
     nll = jnp.array([100.0, 3000.0])
     d = 3 * 32 * 32
     # 8-bit data in [-1, 1]: NLL / (D ln 2) + 7.
-    np.testing.assert_allclose(
-        sf.bits_per_dim(nll, dim=d), nll / (d * math.log(2)) + 7, rtol=1e-12
-    )
+    np.testing.assert_allclose(sf.bits_per_dim(nll, dim=d), nll / (d * math.log(2)) + 7, rtol=1e-12)
     # 17 levels in [0, 1] (scikit-learn's digits): (NLL / D + log 17) / ln 2.
     np.testing.assert_allclose(
         sf.bits_per_dim(nll, dim=64, num_levels=17, data_range=(0.0, 1.0)),
@@ -96,14 +94,10 @@ def test_evaluate_bpd_ode_matches_exact_discrete_likelihood(setting):
     assert res.num_examples == 10 and res.num_repeats == 2 and res.method == "ode"
     assert res.num_failed == 0
     np.testing.assert_allclose(res.bpd, np.mean(res.per_example))
-    half = (
-        student_t_quantile(0.975, 9) * np.std(res.per_example, ddof=1) / math.sqrt(10)
-    )
+    half = student_t_quantile(0.975, 9) * np.std(res.per_example, ddof=1) / math.sqrt(10)
     np.testing.assert_allclose(res.ci95, half)
     assert 20 < res.nfe_mean <= res.nfe_max
-    np.testing.assert_allclose(
-        res.per_example, DISC.bits_per_dim(res.nll, dim=2), rtol=1e-12
-    )
+    np.testing.assert_allclose(res.per_example, DISC.bits_per_dim(res.nll, dim=2), rtol=1e-12)
 
     # The randomness of an example depends on its index, not on the batch size.
     again = sf.evaluate_bpd(

@@ -17,7 +17,7 @@ from scoreflow_eqx._divergence import (
     value_and_exact_divergence,
     value_and_hutchinson_divergence,
 )
-from scoreflow_eqx._likelihood import evaluations_per_step
+from scoreflow_eqx._solver import evaluations_per_step
 
 
 SDES = {"vp": sf.VPSDE(), "subvp": sf.SubVPSDE(), "ve": sf.VESDE()}
@@ -66,9 +66,7 @@ def test_exact_divergence_any_shape(mode, chunk_size):
     x = jr.normal(jr.key(1), (2, 3, 4))
     jac = jax.jit(jax.jacfwd(_image_fn))(x).reshape(x.size, x.size)
     fx, div = jax.jit(
-        lambda x: value_and_exact_divergence(
-            _image_fn, x, mode=mode, chunk_size=chunk_size
-        )
+        lambda x: value_and_exact_divergence(_image_fn, x, mode=mode, chunk_size=chunk_size)
     )(x)
     np.testing.assert_allclose(fx, _image_fn(x))
     np.testing.assert_allclose(div, jnp.trace(jac), rtol=1e-10)
@@ -86,9 +84,7 @@ def test_hutchinson_divergence_unbiased(mode, probe):
         _, est = value_and_hutchinson_divergence(_image_fn, x, probes, mode=mode)
         # One probe at a time, for the standard error.
         per_probe = jax.vmap(
-            lambda v: value_and_hutchinson_divergence(_image_fn, x, v[None], mode=mode)[
-                1
-            ]
+            lambda v: value_and_hutchinson_divergence(_image_fn, x, v[None], mode=mode)[1]
         )(probes)
         return est, per_probe
 
@@ -148,9 +144,7 @@ def test_hutchinson_nll_unbiased(points, name, probe, num_probes, jacobian_mode)
     res = _vmapped_nll(flow, xs, jr.split(jr.key(3), n), kwargs)
     assert bool(jnp.all(dfx.is_successful(res.result)))
     # The x-trajectory does not depend on the probes: same latent for every probe.
-    np.testing.assert_allclose(
-        res.z, jnp.broadcast_to(res.z[0], res.z.shape), atol=1e-5
-    )
+    np.testing.assert_allclose(res.z, jnp.broadcast_to(res.z[0], res.z.shape), atol=1e-5)
     expected = analytic_nll(flow, mixture, points[1], res.z[0])
     se = res.nll.std() / np.sqrt(n)
     assert se > 0  # the estimate is random
@@ -195,9 +189,7 @@ def test_nfe_equals_counted_calls_under_vmap(points):
     assert len(_CALLS) == points.shape[0] * nfe.max()
     # Unbatched: the count equals the NFE exactly, and the result is the same.
     _CALLS.clear()
-    single = eqx.filter_jit(lambda f, x: sf.ode_nll(f, x, divergence="exact"))(
-        flow, points[0]
-    )
+    single = eqx.filter_jit(lambda f, x: sf.ode_nll(f, x, divergence="exact"))(flow, points[0])
     jax.block_until_ready(single.nll)
     assert len(_CALLS) == int(single.nfe) == nfe[0]
     np.testing.assert_allclose(single.nll, res.nll[0], rtol=1e-12)
@@ -252,9 +244,7 @@ def test_batched_solve_agrees(points):
 
 def test_max_steps_failure_is_reported(points):
     flow = exact_flow(SDES["ve"])
-    res = _vmapped_nll(
-        flow, points, jr.split(jr.key(0), 3), dict(divergence="exact", max_steps=3)
-    )
+    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), dict(divergence="exact", max_steps=3))
     assert bool(jnp.all(res.nfe == 6 * 3 + 1))
     assert not bool(jnp.any(dfx.is_successful(res.result)))
     assert bool(jnp.all(res.result == dfx.RESULTS.max_steps_reached))

@@ -4,7 +4,7 @@ import math
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int, Integer
 
 
 def bits_per_dim(
@@ -76,7 +76,9 @@ class Discretization(eqx.Module):
         low, high = self.data_range
         return high - low
 
-    def dequantize(self, k: Int[ArrayLike, "*d"], u: Float[ArrayLike, "*d"]) -> Float[Array, "*d"]:
+    def dequantize(
+        self, k: Integer[ArrayLike, "*d"], u: Float[ArrayLike, "*d"]
+    ) -> Float[Array, "*d"]:
         """Model-space value `x = a (k + u) / K + b` of levels `k` and offsets `u in [0, 1)`."""
         if self.num_levels is None:
             raise ValueError("Continuous data (num_levels=None) are not dequantized.")

@@ -3,15 +3,15 @@ channel-last."""
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
-from .._custom_types import RealScalarLike
+from .._custom_types import Data, RealScalarLike
 from ._embedding import make_embedding
 from ._layers import Conv2dNHWC, GroupNormLast
 from ._shapes import check_shape
@@ -246,16 +246,16 @@ class UNet(eqx.Module):
 
     def __init__(
         self,
-        data_shape: tuple[int, int, int],
+        data_shape: tuple[int, ...],
         *,
         base_channels: int = 64,
         channel_mults: Sequence[int] = (1, 2),
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (),
         attention_heads: int = 1,
-        embedding: Literal["sinusoidal", "fourier"] = "sinusoidal",
+        embedding: str = "sinusoidal",
         groups: int | None = None,
-        layout: Literal["channels_last", "channels_first"] = "channels_last",
+        layout: str = "channels_last",
         key: PRNGKeyArray,
     ):
         data_shape = tuple(int(s) for s in data_shape)
@@ -404,9 +404,7 @@ class UNet(eqx.Module):
             (0.1 * conv_out.weight, 0.1 * conv_out.bias),
         )
 
-    def __call__(
-        self, t: RealScalarLike, x: Float[Array, "channels height width"]
-    ) -> Float[Array, "channels height width"]:
+    def __call__(self, t: RealScalarLike, x: Data) -> Data:
         """**Arguments:** `t` a scalar time, `x` one image `(C, H, W)`.
 
         **Returns:** an array shaped like `x` (the predicted noise, or score, depending

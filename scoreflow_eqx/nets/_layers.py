@@ -4,12 +4,19 @@ Why these exist instead of `eqx.nn.Conv2d` / `eqx.nn.GroupNorm`: those are
 channel-first (`(C, H, W)` per example, i.e. NCHW once batched). XLA:CPU runs
 channel-first convolutions 16-20x slower when they sit inside a `while_loop` or `scan`
 (jax-ml/jax#12868), and every diffrax solve -- probability-flow likelihoods, sampling --
-is a while loop. The layers here act on one example of shape `(H, W, C)`, store
-convolution kernels as `HWIO`, and call `lax.conv_general_dilated` with
-`("NHWC", "HWIO", "NHWC")` on a batch axis of size one, so `jax.vmap` folds the user's
-batch into that axis and the whole network stays channel-last. Initialisation follows
-equinox (uniform in `+-1/sqrt(fan_in)`), so the two are interchangeable up to a
-transpose of the weights (tested).
+is a while loop. The layers here act on one example of shape `(H, W, C)` and store
+convolution kernels as `HWIO`, so `jax.vmap` batches them along a leading axis and the
+whole network stays channel-last.
+
+Measured on the 2-core CPU machines of this project (`benchmarks/net_in_loop.py`), even
+channel-last `lax.conv_general_dilated` (`("NHWC", "HWIO", "NHWC")`) convolutions run
+3-20x slower inside loops at the small image sizes used here (4x4 to 28x28), and
+pathologically slowly on 2x2 outputs even outside loops. So `Conv2dNHWC` computes a
+convolution as one matmul of the gathered `kh * kw` shifted patches (an
+`(H * W, kh * kw * C_in)` matrix) with the reshaped kernel: as fast as the convolution
+outside loops and unaffected by them. Initialisation follows equinox (uniform in
+`+-1/sqrt(fan_in)`), so the layers are interchangeable with equinox's up to a transpose
+of the weights (tested).
 """
 
 import math
@@ -21,8 +28,11 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
-# Outputs with at most this many pixels are computed as patches @ kernel (see below).
-_MATMUL_MAX_PIXELS = 4
+# Outputs with at most this many pixels are computed as patches @ kernel; larger ones
+# with `lax.conv_general_dilated` in NHWC. Default: all of them as a matmul (see the
+# module docstring). Read at trace time; `benchmarks/net_in_loop.py` lowers it to 0 to
+# time the NHWC convolution.
+_MATMUL_MAX_PIXELS = 1 << 62
 
 
 def default_float_dtype():
@@ -42,7 +52,9 @@ class Conv2dNHWC(eqx.Module):
         stride 1, `ceil(H / 2)` at stride 2, also for odd `H`).
     - `key`: PRNG key (keyword-only).
 
-    The kernel is stored as `(kh, kw, C_in, C_out)` (`HWIO`).
+    The kernel is stored as `(kh, kw, C_in, C_out)` (`HWIO`); the convolution is
+    computed as one matmul of the gathered patches with the kernel (see the module
+    docstring for why).
     """
 
     weight: Float[Array, "kh kw cin cout"]
@@ -77,9 +89,7 @@ class Conv2dNHWC(eqx.Module):
         out_h = (x.shape[0] + 2 * p - kh) // s + 1
         out_w = (x.shape[1] + 2 * p - kw) // s + 1
         if out_h * out_w <= _MATMUL_MAX_PIXELS:
-            # Tiny outputs (2x2 and below): XLA:CPU's convolution is pathologically
-            # slow there (measured 20x slower than this at 2x2x128), so gather the
-            # patches and use one matmul.
+            # Gather the kh * kw shifted (strided) views and use one matmul.
             xp = jnp.pad(x, ((p, p), (p, p), (0, 0)))
             patches = [
                 xp[i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s]

@@ -195,10 +195,11 @@ class UNet(eqx.Module):
     included (28 -> 14 -> 7).
 
     The public layout is channel-first, but everything inside is computed channel-last
-    (`(H, W, C)`, kernels `HWIO`, `lax.conv_general_dilated` with `NHWC`): XLA:CPU runs
-    channel-first convolutions 16-20x slower inside the while loops of diffrax solves
-    (jax-ml/jax#12868; see `benchmarks/net_in_loop.py`). The input is transposed once on
-    entry and once on exit.
+    (`(H, W, C)`, kernels `HWIO`, convolutions as patch matmuls; see
+    `scoreflow_eqx.nets._layers`): XLA:CPU runs channel-first convolutions 16-20x slower
+    inside the while loops of diffrax solves (jax-ml/jax#12868; see
+    `benchmarks/net_in_loop.py`). The input is transposed once on entry and once on
+    exit.
 
     **Arguments:**
 

@@ -6,3 +6,8 @@ from ._embedding import (
 )
 from ._exact import GaussianMixtureScore as GaussianMixtureScore
 from ._mlp import MLP as MLP
+from ._unet import (
+    UNet as UNet,
+    unet_preset as unet_preset,
+    UNET_PRESETS as UNET_PRESETS,
+)

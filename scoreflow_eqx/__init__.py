@@ -3,6 +3,17 @@ diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax.
 
 from . import data as data, nets as nets
 from .data._discretization import bits_per_dim as bits_per_dim
+from ._checkpoint import Checkpointer as Checkpointer
+from ._diagnostics import (
+    loss_variance as loss_variance,
+    LossVarianceResult as LossVarianceResult,
+)
+from ._factory import (
+    flow_config as flow_config,
+    make_flow as make_flow,
+    make_net as make_net,
+    make_sde as make_sde,
+)
 from ._flow import ScoreFlow as ScoreFlow
 from ._mixture import GaussianMixture as GaussianMixture
 from ._sde import (
@@ -12,7 +23,16 @@ from ._sde import (
     VESDE as VESDE,
     VPSDE as VPSDE,
 )
+from ._sharding import data_parallel_mesh as data_parallel_mesh
 from ._time_sampling import ImportanceSampler as ImportanceSampler
+from ._train import (
+    default_optimizer as default_optimizer,
+    load_flow as load_flow,
+    make_train_step as make_train_step,
+    train as train,
+    TrainResult as TrainResult,
+    TrainState as TrainState,
+)
 
 
 __version__ = "0.1.0"

@@ -40,7 +40,9 @@ def bits_per_dim(
     low, high = data_range
     a = high - low
     if not a > 0:
-        raise ValueError(f"`data_range` must be (low, high) with low < high, got {data_range!r}.")
+        raise ValueError(
+            f"`data_range` must be (low, high) with low < high, got {data_range!r}."
+        )
     return (nll / dim - math.log(a) + math.log(num_levels)) / math.log(2)
 
 
@@ -60,7 +62,9 @@ class Discretization(eqx.Module):
 
     def __check_init__(self):
         if self.num_levels is not None and self.num_levels < 2:
-            raise ValueError(f"`num_levels` must be >= 2 or None, got {self.num_levels!r}.")
+            raise ValueError(
+                f"`num_levels` must be >= 2 or None, got {self.num_levels!r}."
+            )
         low, high = self.data_range
         if not high > low:
             raise ValueError(
@@ -76,7 +80,9 @@ class Discretization(eqx.Module):
         low, high = self.data_range
         return high - low
 
-    def dequantize(self, k: Int[ArrayLike, "*d"], u: Float[ArrayLike, "*d"]) -> Float[Array, "*d"]:
+    def dequantize(
+        self, k: Int[ArrayLike, "*d"], u: Float[ArrayLike, "*d"]
+    ) -> Float[Array, "*d"]:
         """Model-space value `x = a (k + u) / K + b` of levels `k` and offsets `u in [0, 1)`."""
         if self.num_levels is None:
             raise ValueError("Continuous data (num_levels=None) are not dequantized.")

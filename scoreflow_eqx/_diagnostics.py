@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._flow import ScoreFlow
-from ._losses import check_weighting, Weighting
+from ._losses import check_weighting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ def loss_variance(
     batches: Iterable[ArrayLike],
     *,
     key: PRNGKeyArray,
-    weighting: Weighting = "likelihood",
+    weighting: str = "likelihood",
     num_batches: int | None = None,
 ) -> LossVarianceResult:
     """Measure the variance of the per-example denoising score-matching loss, with `t`

@@ -37,11 +37,14 @@ def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def replicate(tree, mesh: Mesh):
-    """Place every array leaf of `tree` on all devices of `mesh`."""
+    """Copies of every array leaf of `tree` on all devices of `mesh` (never aliasing the
+    inputs, so the copies can be donated without deleting the caller's arrays)."""
     sharding = replicated_sharding(mesh)
-    return jax.tree.map(
-        lambda x: (
-            jax.device_put(x, sharding) if isinstance(x, jax.Array | np.ndarray) else x
-        ),
-        tree,
-    )
+
+    def put(x):
+        if isinstance(x, jax.Array | np.ndarray):
+            # `device_put` may alias the input on one device; `.copy()` never does.
+            return jax.device_put(x, sharding).copy()
+        return x
+
+    return jax.tree.map(put, tree)

@@ -44,7 +44,7 @@ class Dequantize(grain.transforms.RandomMap):
         if self.discretization.num_levels is None:
             return np.asarray(element, dtype=self.dtype)
         u = rng.uniform(size=element.shape)
-        x = self.discretization.dequantize(element, u)
+        x = self.discretization.dequantize(element.astype(np.int32), u)
         return np.asarray(x, dtype=self.dtype)
 
     def __repr__(self) -> str:

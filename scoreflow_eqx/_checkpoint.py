@@ -3,6 +3,7 @@ state, step, key, grain iterator state and the config), with keep-last-N, automa
 resume, and fallback to an older checkpoint when the latest cannot be read."""
 
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -92,6 +93,7 @@ class Checkpointer:
         *,
         data_iterator: grain.DatasetIterator | None = None,
         step: int | None = None,
+        quarantine: bool = False,
     ) -> tuple[dict[str, Any], int] | None:
         """Restore the items named in `abstract_state` (pytrees of
         `jax.ShapeDtypeStruct`, with `sharding` for placement) and, if given, the state of
@@ -100,14 +102,18 @@ class Checkpointer:
         With `step=None`, the latest checkpoint is tried first; if it cannot be read
         (corrupted or incomplete), a warning is issued and the previous one is tried, and
         so on. Returns `(state, step)`, or `None` when there is no checkpoint.
+
+        With `quarantine=True` (used when training resumes), unreadable checkpoints newer
+        than the restored one are renamed to `corrupted-step-N` (kept for inspection, no
+        longer seen as checkpoints) so that the run can write those steps again.
         """
         steps = self.all_steps() if step is None else [step]
         if not steps:
             return None
-        errors = []
+        errors, failed = [], []
         for s in reversed(steps):
             try:
-                return self._restore_step(s, abstract_state, data_iterator), s
+                restored = self._restore_step(s, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
                 errors.append(f"step {s}: {type(e).__name__}: {e}")
                 older = [t for t in steps if t < s]
@@ -118,10 +124,26 @@ class Checkpointer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+                failed.append(s)
+                continue
+            if quarantine and failed:
+                self._quarantine(failed)
+            return restored, s
         raise RuntimeError(
             f"No checkpoint in {self.directory} could be restored:\n"
             + "\n".join(errors)
         )
+
+    def _quarantine(self, steps: list[int]) -> None:
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst = os.path.join(self.directory, f"corrupted-step-{s}")
+                if os.path.exists(dst):
+                    shutil.rmtree(dst)
+                os.rename(src, dst)
+        self._manager.reload()
 
     def _restore_step(self, step, abstract_state, data_iterator):
         items = {

@@ -520,7 +520,9 @@ def train(
                     "use another work directory."
                 )
             abstract = abstract_like(_state_items(state), replicated_sharding(mesh))
-            restored = checkpointer.restore(abstract, data_iterator=data_iter)
+            restored = checkpointer.restore(
+                abstract, data_iterator=data_iter, quarantine=True
+            )
             if restored is not None:
                 state = _state_from_items(state, restored[0])
         if is_main:

@@ -76,7 +76,7 @@ def test_checkpointer_roundtrip_keep_n_and_fallback(tmp_path):
 def data():
     mix = gaussian_mixture_2d()
     draw = lambda key, n: np.asarray(
-        jax.vmap(lambda k: mix.sample(key=k))(jr.split(key, n))
+        jax.jit(jax.vmap(lambda k: mix.sample(key=k)))(jr.split(key, n))
     )
     return sf.data.from_arrays(
         draw(jr.key(1), 2048), draw(jr.key(2), 256), num_levels=None

@@ -28,7 +28,7 @@ KW = dict(
 def mixture_data():
     mix = gaussian_mixture_2d()
     draw = lambda key, n: np.asarray(
-        jax.vmap(lambda k: mix.sample(key=k))(jr.split(key, n))
+        jax.jit(jax.vmap(lambda k: mix.sample(key=k)))(jr.split(key, n))
     )
     train, test = draw(jr.key(1), 4096), draw(jr.key(2), 1024)
     return sf.data.from_arrays(train, test, num_levels=None, name="mixture")
@@ -84,6 +84,7 @@ def test_steps_per_jit_scan_matches(flow, mixture_data):
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6)
 
 
+@eqx.filter_jit
 def _heldout_objective(flow, x, key, num_t=64):
     """Likelihood-weighted DSM objective on held-out data, averaged over many t per
     example with common random numbers: the model-dependent part of the bound."""
@@ -92,7 +93,7 @@ def _heldout_objective(flow, x, key, num_t=64):
         x, keys
     )
     per = per.mean(axis=1)
-    return float(per.mean()), float(per.std() / np.sqrt(len(per)))
+    return per.mean(), per.std() / np.sqrt(per.shape[0])
 
 
 def test_training_lowers_heldout_bound(flow, mixture_data, tmp_path):

@@ -1,14 +1,15 @@
 """Throughput of the training step, and its overhead over a bare forward+backward pass.
 
-For each device count (fake CPU devices, one subprocess each, since the count must be set
-before JAX starts), this times `sf.make_train_step` (DSM loss with likelihood weighting and
-importance sampling, Adam + clipping + NaN skipping, parameter EMA, batch sharded over a
-mesh of all devices) and a bare `value_and_grad` of `mean ||net(t, x)||^2` over the same
-batch with the same sharding, and reports examples/s and their ratio (target < 1.2x).
+For each device count (fake CPU devices, one subprocess each, since the count must be
+set before JAX starts), this times `sf.make_train_step` (DSM loss with likelihood
+weighting and importance sampling, Adam + clipping + NaN skipping, parameter EMA, batch
+sharded over a mesh of all devices) and a bare `value_and_grad` of `mean ||net(t,
+x)||^2` over the same batch with the same sharding, and reports examples/s and their
+ratio (target < 1.2x).
 
-    python benchmarks/train_step.py                 # digits-shaped data, MLP, 1 and 4 devices
-    python benchmarks/train_step.py --net unet      # the U-Net, if available
-    python benchmarks/train_step.py --quick         # a smoke test
+    python benchmarks/train_step.py             # digits shape, MLP, 1 and 4 devices
+    python benchmarks/train_step.py --net unet  # the U-Net
+    python benchmarks/train_step.py --quick     # a smoke test
 """
 
 import argparse

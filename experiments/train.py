@@ -8,7 +8,7 @@ samples for image data.
 
 Examples:
 
-    python experiments/train.py --workdir runs/digits            # the default digits job
+    python experiments/train.py --workdir runs/digits        # the default digits job
     python experiments/train.py --dataset two_moons --net mlp --workdir runs/moons
     python experiments/train.py --dataset my.npz --num-levels 256 --data-range -1 1 ...
     python experiments/train.py --quick --workdir /tmp/smoke       # a smoke test
@@ -31,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument(
         "--dataset",
         default="digits",
-        help="digits | checkerboard | eight_gaussians | swiss_roll | two_moons | a path "
-        "to a .npy/.npz file",
+        help="digits | checkerboard | eight_gaussians | swiss_roll | two_moons | a "
+        "path to a .npy/.npz file",
     )
     d.add_argument(
         "--num-levels",
@@ -129,7 +129,7 @@ def net_kwargs(args) -> dict:
     return dict(args.net_kwargs)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Evaluation and sampling: `sf.evaluate_bpd` (scoreflow_eqx/_bpd.py), `sf.sample` and
 # `scoreflow_eqx.plotting.save_image_grid` live in other modules of the library; all
 # calls to them are here.
@@ -206,7 +206,7 @@ def save_samples(sf, flow, dataset, args, key) -> str | None:
     return path
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:

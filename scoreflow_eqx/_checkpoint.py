@@ -21,8 +21,8 @@ class Checkpointer:
 
     Each checkpoint holds the items `params`, `ema_params`, `opt_state`, `meta` (step,
     key, ...), optionally `data` (a grain iterator, through
-    `grain.checkpoint.CheckpointSave`) and `config` (JSON). Saves are asynchronous; use it
-    as a context manager (or call `close()`) so pending saves finish.
+    `grain.checkpoint.CheckpointSave`) and `config` (JSON). Saves are asynchronous; use
+    it as a context manager (or call `close()`) so pending saves finish.
 
     **Arguments:**
 
@@ -76,7 +76,8 @@ class Checkpointer:
         data_iterator: grain.DatasetIterator | None = None,
         config: dict | None = None,
     ) -> None:
-        """Save `state` (a dict with the keys of `STATE_ITEMS`, array pytrees) at `step`."""
+        """Save `state` (a dict with the keys of `STATE_ITEMS`, array pytrees) at
+        `step`."""
         missing = set(STATE_ITEMS) - set(state)
         if missing:
             raise ValueError(f"`state` lacks the items {sorted(missing)}.")
@@ -96,16 +97,17 @@ class Checkpointer:
         quarantine: bool = False,
     ) -> tuple[dict[str, Any], int] | None:
         """Restore the items named in `abstract_state` (pytrees of
-        `jax.ShapeDtypeStruct`, with `sharding` for placement) and, if given, the state of
-        `data_iterator` (in place).
+        `jax.ShapeDtypeStruct`, with `sharding` for placement) and, if given, the state
+        of `data_iterator` (in place).
 
         With `step=None`, the latest checkpoint is tried first; if it cannot be read
-        (corrupted or incomplete), a warning is issued and the previous one is tried, and
-        so on. Returns `(state, step)`, or `None` when there is no checkpoint.
+        (corrupted or incomplete), a warning is issued and the previous one is tried,
+        and so on. Returns `(state, step)`, or `None` when there is no checkpoint.
 
-        With `quarantine=True` (used when training resumes), unreadable checkpoints newer
-        than the restored one are renamed to `corrupted-step-N` (kept for inspection, no
-        longer seen as checkpoints) so that the run can write those steps again.
+        With `quarantine=True` (used when training resumes), unreadable checkpoints
+        newer than the restored one are renamed to `corrupted-step-N` (kept for
+        inspection, no longer seen as checkpoints) so that the run can write those steps
+        again.
         """
         steps = self.all_steps() if step is None else [step]
         if not steps:

@@ -18,7 +18,8 @@ from ._losses import check_weighting
 
 @dataclasses.dataclass(frozen=True)
 class LossVarianceResult:
-    """Mean and variance of the one-sample (one `t`, one `z` per example) loss estimates.
+    """Mean and variance of the one-sample (one `t`, one `z` per example) loss
+    estimates.
 
     **Fields:** `mean_uniform`, `var_uniform` (`t ~ U[eps, T]`), `mean_importance`,
     `var_importance` (`t` from the importance-sampling proposal), `variance_ratio`
@@ -58,8 +59,8 @@ def loss_variance(
 
     Both estimators have the same expectation (the weighted objective); with likelihood
     weighting, importance sampling lowers the variance by orders of magnitude for VP and
-    sub-VP SDEs (Song et al. 2021, Section 5 and Figure 2). Each example gets one time and
-    one noise draw per estimator.
+    sub-VP SDEs (Song et al. 2021, Section 5 and Figure 2). Each example gets one time
+    and one noise draw per estimator.
 
     **Arguments:**
 

@@ -16,7 +16,8 @@ NETS: tuple[str, ...] = ("mlp", "unet")
 
 
 def make_sde(name: str, **kwargs) -> AbstractSDE:
-    """`make_sde("vp" | "subvp" | "ve", **kwargs)`, e.g. `make_sde("ve", sigma_max=20.0)`."""
+    """`make_sde("vp" | "subvp" | "ve", **kwargs)`, e.g. `make_sde("ve",
+    sigma_max=20.0)`."""
     try:
         cls = SDES[name.lower()]
     except (KeyError, AttributeError):

@@ -12,8 +12,9 @@ BATCH_AXIS = "batch"
 
 
 def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named `"batch"` over `devices` (default: all devices, of every process),
-    with `AxisType.Auto` so that `eqx.filter_shard` / `with_sharding_constraint` work."""
+    """A 1-D mesh named `"batch"` over `devices` (default: all devices, of every
+    process), with `AxisType.Auto` so that `eqx.filter_shard` /
+    `with_sharding_constraint` work."""
     devices = jax.devices() if devices is None else list(devices)
     return jax.make_mesh(
         (len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,), devices=devices

@@ -64,8 +64,8 @@ class TrainResult:
     **Fields:** `flow` (final parameters), `ema_flow` (EMA parameters: use these for
     evaluation and sampling), `losses` (per-step training losses of this call, numpy),
     `metrics` (the logged records), `evaluations` (test bits/dim records), `step` (the
-    final step), `state` (the final `TrainState`) and `data_iterator` (the grain iterator,
-    positioned at the next batch).
+    final step), `state` (the final `TrainState`) and `data_iterator` (the grain
+    iterator, positioned at the next batch).
     """
 
     flow: ScoreFlow
@@ -83,8 +83,8 @@ def default_optimizer(
     *, lr: float = 2e-4, warmup_steps: int = 500, grad_clip: float | None = 1.0
 ) -> optax.GradientTransformation:
     """Adam with a linear learning-rate warm-up from 0 to `lr` over `warmup_steps` and
-    global-norm gradient clipping at `grad_clip` (the setting of Song et al. 2021).
-    The learning rate is injected as a hyperparameter so it can be logged. (Cached: equal
+    global-norm gradient clipping at `grad_clip` (the setting of Song et al. 2021). The
+    learning rate is injected as a hyperparameter so it can be logged. (Cached: equal
     arguments give the same object, so compiled training steps are reused.)"""
     if not lr > 0:
         raise ValueError(f"`lr` must be positive, got {lr!r}.")
@@ -138,9 +138,9 @@ def make_train_step(
     """The jit-compiled training step `step(batches, state) -> (state, metrics)`.
 
     The batch is sharded over `mesh` (data parallel), the state replicated; the state is
-    donated. With `steps_per_jit = k > 1`, `batches` is shaped `(k, batch, *data)` and `k`
-    steps run in one `lax.scan`; metrics then have a leading axis of length `k`. With
-    `k = 1` it is shaped `(batch, *data)`.
+    donated. With `steps_per_jit = k > 1`, `batches` is shaped `(k, batch, *data)` and
+    `k` steps run in one `lax.scan`; metrics then have a leading axis of length `k`.
+    With `k = 1` it is shaped `(batch, *data)`.
 
     One step: the per-example likelihood-weighted DSM losses (`flow.loss`, importance
     sampled by default; Song et al. 2021) averaged over the batch, their gradient,
@@ -317,7 +317,8 @@ def _as_dataset(data, discretization) -> Dataset:
     check_values(array, disc, what="training data")
     if array.ndim < 2:
         raise ValueError(
-            f"Training data must be shaped (num_examples, *data_shape), got {array.shape}."
+            "Training data must be shaped (num_examples, *data_shape), got "
+            f"{array.shape}."
         )
     return Dataset(
         name="array",
@@ -408,8 +409,8 @@ def train(
     - `max_consecutive_nonfinite`: stop with a `FloatingPointError` after this many
         consecutive non-finite updates (each one skipped).
     - `devices`: the devices of the data-parallel mesh (default all).
-    - `flow_config`: the [`scoreflow_eqx.flow_config`][] that built `flow`, saved so that
-        [`scoreflow_eqx.load_flow`][] can rebuild the model.
+    - `flow_config`: the [`scoreflow_eqx.flow_config`][] that built `flow`, saved so
+        that [`scoreflow_eqx.load_flow`][] can rebuild the model.
     - `config`: any extra JSON-able record to save with the run.
     - `show_progress`: a tqdm bar (process 0 only).
     - `callback`: called as `callback(step, state)` on the host after each compiled
@@ -449,7 +450,8 @@ def train(
         and tuple(flow_config["data_shape"]) != dataset.data_shape
     ):
         raise ValueError(
-            f"flow_config data_shape {tuple(flow_config['data_shape'])} differs from the "
+            f"flow_config data_shape {tuple(flow_config['data_shape'])} differs "
+            "from the "
             f"data's {dataset.data_shape}."
         )
     if (eval_every or eval_ode_every) and len(dataset.test) == 0:
@@ -516,7 +518,8 @@ def train(
             if saved is not None and saved.get("flow") != run_config["flow"]:
                 checkpointer.close()
                 raise ValueError(
-                    f"{workdir} holds a run of a different model ({saved.get('flow')}); "
+                    f"{workdir} holds a run of a different model "
+                    f"({saved.get('flow')}); "
                     "use another work directory."
                 )
             abstract = abstract_like(_state_items(state), replicated_sharding(mesh))

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-import scoreflow_eqx as sf
-from scoreflow_eqx._checkpoint import abstract_like
-
 from helpers import gaussian_mixture_2d, tree_allclose
 from test_train import CFG, KW
+
+import scoreflow_eqx as sf
+from scoreflow_eqx._checkpoint import abstract_like
 
 
 def _corrupt(step_dir: pathlib.Path) -> None:
@@ -131,7 +131,8 @@ def test_interrupt_and_resume_equals_uninterrupted(data, tmp_path):
             **(run | {"flow_config": other}),
         )
 
-    # A corrupted latest checkpoint: load_flow and training fall back to the previous one.
+    # A corrupted latest checkpoint: load_flow and training fall back to the previous
+    # one.
     _corrupt(tmp_path / "a" / "checkpoints" / "8")
     with pytest.warns(RuntimeWarning, match="falling back to step 4"):
         loaded, info = sf.load_flow(tmp_path / "a", ema=False)

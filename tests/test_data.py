@@ -1,6 +1,7 @@
 import grain
 import numpy as np
 import pytest
+
 import scoreflow_eqx as sf
 from scoreflow_eqx.data import Discretization
 
@@ -101,7 +102,8 @@ def test_pipeline_dequantizes_levels(digits):
     batch = next(it)
     assert batch.shape == (32, 1, 8, 8) and batch.dtype == np.float32
     assert batch.min() >= -1 and batch.max() < 1
-    # Dequantized values fall in their level's cell: quantize recovers the levels exactly.
+    # Dequantized values fall in their level's cell: quantize recovers the levels
+    # exactly.
     np.testing.assert_array_equal(
         np.asarray(digits.discretization.quantize(batch)), digits.train[:32]
     )

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-import scoreflow_eqx as sf
-
 from helpers import gaussian_mixture_2d, tree_allclose
+
+import scoreflow_eqx as sf
 
 
 CFG = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})

@@ -10,8 +10,8 @@ from ._sources import Dataset, fingerprint
 
 class ArraySource:
     """A grain random-access source over a numpy array, with a stable, content-aware
-    `repr` (grain checks `repr(source)` when restoring an iterator state, so a checkpoint
-    cannot silently resume on different data)."""
+    `repr` (grain checks `repr(source)` when restoring an iterator state, so a
+    checkpoint cannot silently resume on different data)."""
 
     def __init__(self, array: np.ndarray, name: str = "array"):
         self._array = np.asarray(array)
@@ -70,10 +70,10 @@ def make_pipeline(
     .batch(drop_remainder=True).random_map(Dequantize(...)).to_iter_dataset()`.
 
     Iterate with `it = iter(pipeline)`; `it.get_state()` / `it.set_state(state)` (or
-    `grain.checkpoint.CheckpointSave(it)` with orbax) resume at the identical next batch.
-    The dequantization noise is seeded by the seed and the batch index, so it is reproduced
-    exactly too. (Dequantization runs once per batch: one vectorised call instead of one
-    per example.)
+    `grain.checkpoint.CheckpointSave(it)` with orbax) resume at the identical next
+    batch. The dequantization noise is seeded by the seed and the batch index, so it is
+    reproduced exactly too. (Dequantization runs once per batch: one vectorised call
+    instead of one per example.)
 
     **Arguments:**
 

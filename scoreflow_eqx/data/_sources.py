@@ -24,9 +24,9 @@ class Dataset:
     **Fields:**
 
     - `name`: a short name (`"digits"`, `"two_moons"`, a file name, ...).
-    - `train`, `test`: numpy arrays shaped `(N, *data_shape)`: integer levels for discrete
-        data (`discretization.num_levels` is not `None`), float32 model-space values for
-        continuous data.
+    - `train`, `test`: numpy arrays shaped `(N, *data_shape)`: integer levels for
+        discrete data (`discretization.num_levels` is not `None`), float32 model-space
+        values for continuous data.
     - `discretization`: how levels map to model space (and hence the bits/dim offset).
     - `data_shape`: the shape of one example.
     """
@@ -86,7 +86,8 @@ def check_values(
             )
         if array.size and (array.min() < 0 or array.max() > k - 1):
             raise ValueError(
-                f"{what}: levels must lie in [0, {k - 1}] for num_levels={k}; found values "
+                f"{what}: levels must lie in [0, {k - 1}] for num_levels={k}; "
+                f"found values "
                 f"in [{array.min()}, {array.max()}]."
             )
 
@@ -103,10 +104,10 @@ DIGITS_NUM_TEST = 297
 
 
 def digits() -> Dataset:
-    """scikit-learn's 8x8 handwritten digits (1797 images, 17 grey levels `0..16`), shaped
-    `(1, 8, 8)` and mapped to `[-1, 1]`. The split is fixed: the last 297 images are the
-    test set, the first 1500 the training set. The data ship with scikit-learn (no
-    download)."""
+    """scikit-learn's 8x8 handwritten digits (1797 images, 17 grey levels `0..16`),
+    shaped `(1, 8, 8)` and mapped to `[-1, 1]`. The split is fixed: the last 297 images
+    are the test set, the first 1500 the training set. The data ship with scikit-learn
+    (no download)."""
     from sklearn.datasets import load_digits
 
     images = load_digits().images.reshape(-1, 1, 8, 8)
@@ -162,10 +163,10 @@ TOYS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 def toy(
     name: str, *, seed: int = 0, num_train: int = 50_000, num_test: int = 10_000
 ) -> Dataset:
-    """A continuous 2-D toy density (`"checkerboard"`, `"eight_gaussians"`, `"swiss_roll"`,
-    `"two_moons"`), drawn deterministically from `seed` (the test set from an independent
-    stream). The values are roughly in `[-4, 4]^2` and are used as they are (no
-    discretization: bits/dim are those of the continuous density)."""
+    """A continuous 2-D toy density (`"checkerboard"`, `"eight_gaussians"`,
+    `"swiss_roll"`, `"two_moons"`), drawn deterministically from `seed` (the test set
+    from an independent stream). The values are roughly in `[-4, 4]^2` and are used as
+    they are (no discretization: bits/dim are those of the continuous density)."""
     if name not in TOYS:
         raise ValueError(
             f"Unknown toy dataset {name!r}; valid toys are {sorted(TOYS)}."
@@ -200,14 +201,14 @@ def from_arrays(
 
     - `train`: training examples. Integer levels in `[0, num_levels)` for discrete data;
         model-space floats for continuous data (`num_levels=None`).
-    - `test`: test examples; if `None`, a seeded random `test_fraction` of `train` is held
-        out.
+    - `test`: test examples; if `None`, a seeded random `test_fraction` of `train` is
+        held out.
     - `num_levels`: the number of discrete levels, or `None` for continuous data.
     - `data_range`: model-space `(low, high)` of the levels (see `Discretization`).
     - `name`, `test_fraction`, `seed`: as described above.
 
-    **Returns:** a [`scoreflow_eqx.data.Dataset`][]. NaN/inf values or levels out of range
-    raise a ValueError.
+    **Returns:** a [`scoreflow_eqx.data.Dataset`][]. NaN/inf values or levels out of
+    range raise a ValueError.
     """
     discretization = Discretization(num_levels=num_levels, data_range=tuple(data_range))
     train = np.asarray(train)
@@ -253,8 +254,8 @@ def from_file(
     test_fraction: float = 0.1,
     seed: int = 0,
 ) -> Dataset:
-    """A dataset from a `.npy` file (one array, split with a seeded `test_fraction`) or a
-    `.npz` file (keys `train`/`test` or `x_train`/`x_test`, or a single array). See
+    """A dataset from a `.npy` file (one array, split with a seeded `test_fraction`) or
+    a `.npz` file (keys `train`/`test` or `x_train`/`x_test`, or a single array). See
     [`scoreflow_eqx.data.from_arrays`][] for `num_levels` and `data_range`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -273,7 +274,8 @@ def from_file(
             else:
                 if len(keys) != 1:
                     raise ValueError(
-                        f"{path}: expected keys {[k for pair in NPZ_KEYS for k in pair]} "
+                        f"{path}: expected keys "
+                        f"{[k for pair in NPZ_KEYS for k in pair]} "
                         f"or a single array, found {keys}."
                     )
                 train, test = f[keys[0]], None
@@ -311,7 +313,8 @@ def load_dataset(
         `"two_moons"`, or a path ending in `.npy`/`.npz`.
     - `seed`: seed of the toy generators (and of the split of a single user array).
     - `num_levels`, `data_range`: the discretization of a user's file (`num_levels=None`
-        means continuous data); not allowed for the built-in datasets, which know theirs.
+        means continuous data); not allowed for the built-in datasets, which know
+        theirs.
 
     **Returns:** a [`scoreflow_eqx.data.Dataset`][].
     """
@@ -325,12 +328,14 @@ def load_dataset(
         )
     if name_str not in DATASETS:
         raise ValueError(
-            f"Unknown dataset {name_str!r}; valid datasets are {list(DATASETS)} or a path "
+            f"Unknown dataset {name_str!r}; valid datasets are {list(DATASETS)} "
+            "or a path "
             "to a .npy/.npz file."
         )
     if num_levels is not None or data_range is not None:
         raise ValueError(
-            f"`num_levels`/`data_range` are only for user files; {name_str!r} carries its "
+            "`num_levels`/`data_range` are only for user files; "
+            f"{name_str!r} carries its "
             "own discretization."
         )
     if name_str == "digits":

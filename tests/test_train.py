@@ -218,6 +218,8 @@ def test_bad_input_fails_early(flow, mixture_data, tmp_path):
         sf.train(
             flow, mixture_data, key=jr.key(0), steps=1, **(KW | {"batch_size": 30})
         )
+    with pytest.raises(ValueError, match="needs a test split"):
+        sf.train(flow, mixture_data.train, key=jr.key(0), steps=1, eval_every=1, **KW)
     with pytest.raises(ValueError, match="`steps` must be a positive integer"):
         sf.train(flow, mixture_data, key=jr.key(0), steps=0, **KW)
 

@@ -184,7 +184,7 @@ def make_train_step(
         if isinstance(opt_state, optax.ApplyIfFiniteState):
             metrics["nonfinite_count"] = opt_state.notfinite_count
             metrics["nonfinite_total"] = opt_state.total_notfinite
-        lr = _learning_rate(state.opt_state)
+        lr = _learning_rate(opt_state)  # the rate this update used
         if lr is not None:
             metrics["lr"] = lr
         new = TrainState(flow, ema, opt_state, state.step + 1, state.key)

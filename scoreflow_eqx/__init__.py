@@ -1,8 +1,9 @@
 """scoreflow_eqx: maximum-likelihood training and exact likelihoods of score-based
 diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax."""
 
-from . import data as data, nets as nets
-from .data._discretization import bits_per_dim as bits_per_dim
+from . import data as data, nets as nets, plotting as plotting
+from ._bound import nll_bound as nll_bound, NLLBoundResult as NLLBoundResult
+from ._bpd import BPDResult as BPDResult, evaluate_bpd as evaluate_bpd
 from ._checkpoint import Checkpointer as Checkpointer
 from ._diagnostics import (
     loss_variance as loss_variance,
@@ -15,7 +16,20 @@ from ._factory import (
     make_sde as make_sde,
 )
 from ._flow import ScoreFlow as ScoreFlow
+from ._likelihood import (
+    ode_nll as ode_nll,
+    ode_nll_batched as ode_nll_batched,
+    ODENLLResult as ODENLLResult,
+)
 from ._mixture import GaussianMixture as GaussianMixture
+from ._sampling import (
+    decode as decode,
+    encode as encode,
+    inpaint as inpaint,
+    sample as sample,
+    SampleResult as SampleResult,
+    tweedie_denoise as tweedie_denoise,
+)
 from ._sde import (
     AbstractSDE as AbstractSDE,
     brownian_motion as brownian_motion,
@@ -33,6 +47,7 @@ from ._train import (
     TrainResult as TrainResult,
     TrainState as TrainState,
 )
+from .data._discretization import bits_per_dim as bits_per_dim
 
 
 __version__ = "0.1.0"

@@ -1,13 +1,12 @@
 """`ScoreFlow`: an SDE paired with a score network."""
 
 from collections.abc import Callable
-from typing import Literal
 
 import equinox as eqx
 from jaxtyping import PRNGKeyArray
 
 from ._custom_types import Data, RealScalarLike, Scalar
-from ._losses import dsm_loss, Weighting
+from ._losses import dsm_loss
 from ._sde import AbstractSDE
 
 
@@ -53,7 +52,7 @@ class ScoreFlow(eqx.Module):
         sde: AbstractSDE,
         net: Callable[[RealScalarLike, Data], Data],
         *,
-        parameterization: Literal["noise", "score"] = "noise",
+        parameterization: str = "noise",
         eps: float | None = None,
     ):
         if not isinstance(sde, AbstractSDE):
@@ -95,7 +94,7 @@ class ScoreFlow(eqx.Module):
         x0: Data,
         *,
         key: PRNGKeyArray,
-        weighting: Weighting = "likelihood",
+        weighting: str = "likelihood",
         importance_sampling: bool = True,
         t: RealScalarLike | None = None,
     ) -> Scalar:

@@ -30,7 +30,7 @@ def dsm_loss(
     *,
     key: PRNGKeyArray,
     eps: float,
-    weighting: Weighting = "likelihood",
+    weighting: str = "likelihood",
     importance_sampling: bool = True,
     t: RealScalarLike | None = None,
 ) -> Scalar:

@@ -27,8 +27,8 @@ class GaussianMixture(eqx.Module):
     """
 
     log_weights: Float[Array, " K"]
-    means: Float[Array, "K *data"]
-    stds: Float[Array, "K *data"]
+    means: Float[Array, " K *data"]
+    stds: Float[Array, " K *data"]
 
     def __init__(self, weights, means, stds):
         weights = jnp.asarray(weights)
@@ -40,13 +40,10 @@ class GaussianMixture(eqx.Module):
                 f"{weights.shape} and {means.shape}."
             )
         if stds.ndim == 1:
-            stds = jnp.broadcast_to(
-                stds.reshape((-1,) + (1,) * (means.ndim - 1)), means.shape
-            )
+            stds = jnp.broadcast_to(stds.reshape((-1,) + (1,) * (means.ndim - 1)), means.shape)
         if stds.shape != means.shape:
             raise ValueError(
-                f"`stds` must have shape {means.shape} or ({means.shape[0]},), "
-                f"got {stds.shape}."
+                f"`stds` must have shape {means.shape} or ({means.shape[0]},), got {stds.shape}."
             )
         self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
         self.means = means
@@ -58,7 +55,7 @@ class GaussianMixture(eqx.Module):
 
     def log_prob(self, x: Data) -> Scalar:
         """Exact log-density at one point `x`."""
-        z = (x - self.means) / self.stds
+        z = (x[None] - self.means) / self.stds
         axes = tuple(range(1, self.means.ndim))
         d = math.prod(self.data_shape)
         comp = -0.5 * jnp.sum(z**2, axis=axes) - jnp.sum(jnp.log(self.stds), axis=axes)

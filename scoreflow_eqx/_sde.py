@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from ._custom_types import Data, RealScalarLike, Scalar
 
@@ -96,12 +96,14 @@ class AbstractSDE(eqx.Module):
         """The standard deviation of the isotropic Gaussian prior at time `T`."""
 
     @abc.abstractmethod
-    def log_snr_antiderivative(self, t: RealScalarLike) -> Scalar:
+    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         """An antiderivative `A(t)` of `g(t)^2 / sigma_t^2` (the importance-sampling density,
         unnormalised)."""
 
     @abc.abstractmethod
-    def inverse_log_snr_antiderivative(self, a: RealScalarLike) -> Scalar:
+    def inverse_log_snr_antiderivative(
+        self, a: Real[ArrayLike, "*shape"]
+    ) -> Float[Array, "*shape"]:
         """The inverse of `log_snr_antiderivative`: the `t` with `A(t) = a`."""
 
     # ---- derived quantities -------------------------------------------------------------
@@ -118,9 +120,7 @@ class AbstractSDE(eqx.Module):
         """Log-density of the prior `N(0, prior_std^2 I)` at `x` (summed over all dimensions)."""
         std = self.prior_std()
         d = x.size
-        return -0.5 * jnp.sum((x / std) ** 2) - d * (
-            0.5 * math.log(2 * math.pi) + math.log(std)
-        )
+        return -0.5 * jnp.sum((x / std) ** 2) - d * (0.5 * math.log(2 * math.pi) + math.log(std))
 
     def score_kernel(self, t: RealScalarLike, x_t: Data, x_0: Data) -> Data:
         """`grad_{x_t} log p_0t(x_t | x_0) = -(x_t - alpha_t x_0) / sigma_t^2`."""
@@ -204,9 +204,7 @@ class _AbstractLinearBeta(eqx.Module):
 
     def integrated_beta(self, t: RealScalarLike) -> Scalar:
         """`B(t) = int_0^t beta(s) ds = beta_min t + (beta_max - beta_min) t^2 / 2`."""
-        return jnp.asarray(
-            self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
-        )
+        return jnp.asarray(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
     def drift(self, t: RealScalarLike, x: Data) -> Data:
         return -0.5 * self.beta(t) * x
@@ -264,11 +262,13 @@ class VPSDE(_AbstractLinearBeta, AbstractSDE):
         b = self.integrated_beta(t)
         return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
 
-    def log_snr_antiderivative(self, t: RealScalarLike) -> Scalar:
+    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         # g^2 / sigma^2 = beta / (1 - e^{-B})  =>  A = log(e^B - 1).
         return jnp.log(jnp.expm1(self.integrated_beta(t)))
 
-    def inverse_log_snr_antiderivative(self, a: RealScalarLike) -> Scalar:
+    def inverse_log_snr_antiderivative(
+        self, a: Real[ArrayLike, "*shape"]
+    ) -> Float[Array, "*shape"]:
         b = jnp.logaddexp(0.0, a)  # log(1 + e^a)
         return _quadratic_time(b, self.beta_min, self.beta_max)
 
@@ -311,12 +311,14 @@ class SubVPSDE(_AbstractLinearBeta, AbstractSDE):
         b = self.integrated_beta(t)
         return jnp.exp(-0.5 * b), -jnp.expm1(-b)
 
-    def log_snr_antiderivative(self, t: RealScalarLike) -> Scalar:
+    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         # g^2 / sigma^2 = beta (1 + e^{-B}) / (1 - e^{-B})  =>  A = 2 log(e^B - 1) - B.
         b = self.integrated_beta(t)
         return 2 * jnp.log(jnp.expm1(b)) - b
 
-    def inverse_log_snr_antiderivative(self, a: RealScalarLike) -> Scalar:
+    def inverse_log_snr_antiderivative(
+        self, a: Real[ArrayLike, "*shape"]
+    ) -> Float[Array, "*shape"]:
         # (y - 1)^2 / y = e^a with y = e^B: y = 1 + (e^a + sqrt(e^a (4 + e^a))) / 2.
         ea = jnp.exp(a)
         b = jnp.log1p(0.5 * (ea + jnp.sqrt(ea * (4 + ea))))
@@ -388,9 +390,11 @@ class VESDE(AbstractSDE):
     def prior_std(self) -> float:
         return self.sigma_max
 
-    def log_snr_antiderivative(self, t: RealScalarLike) -> Scalar:
+    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         # g^2 / sigma^2 = 2 log(sigma_max / sigma_min) is constant.
         return jnp.asarray(2 * self._log_ratio * t)
 
-    def inverse_log_snr_antiderivative(self, a: RealScalarLike) -> Scalar:
+    def inverse_log_snr_antiderivative(
+        self, a: Real[ArrayLike, "*shape"]
+    ) -> Float[Array, "*shape"]:
         return jnp.asarray(a / (2 * self._log_ratio))

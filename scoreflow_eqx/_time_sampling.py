@@ -3,9 +3,9 @@
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from ._custom_types import RealScalarLike, Scalar
+from ._custom_types import Scalar
 from ._sde import AbstractSDE
 
 
@@ -49,28 +49,26 @@ class ImportanceSampler(eqx.Module):
         a = self.sde.log_snr_antiderivative
         return a(self.sde.T) - a(self.eps)
 
-    def pdf(self, t: RealScalarLike) -> Scalar:
-        """The proposal density `g(t)^2 / (sigma_t^2 Z)` on `[eps, T]` (zero outside)."""
+    def pdf(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        """The proposal density `g(t)^2 / (sigma_t^2 Z)` (elementwise; zero outside `[eps, T]`)."""
         t = jnp.asarray(t)
         _, sigma = self.sde.marginal(t)
         density = self.sde.diffusion_squared(t) / (sigma**2 * self.Z)
         inside = (t >= self.eps) & (t <= self.sde.T)
         return jnp.where(inside, density, 0.0)
 
-    def cdf(self, t: RealScalarLike) -> Scalar:
+    def cdf(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         """The proposal's CDF, `(A(t) - A(eps)) / Z`."""
         a = self.sde.log_snr_antiderivative
         t = jnp.clip(jnp.asarray(t), self.eps, self.sde.T)
         return (a(t) - a(self.eps)) / self.Z
 
-    def icdf(self, u: RealScalarLike) -> Scalar:
+    def icdf(self, u: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         """The inverse CDF: the `t` in `[eps, T]` with `cdf(t) = u`, for `u` in `[0, 1]`."""
         a_eps = self.sde.log_snr_antiderivative(self.eps)
         t = self.sde.inverse_log_snr_antiderivative(a_eps + jnp.asarray(u) * self.Z)
         return jnp.clip(t, self.eps, self.sde.T)
 
-    def sample(
-        self, key: PRNGKeyArray, shape: tuple[int, ...] = ()
-    ) -> Float[Array, "..."]:
+    def sample(self, key: PRNGKeyArray, shape: tuple[int, ...] = ()) -> Float[Array, "..."]:
         """Draw times from the proposal by inverting its CDF."""
         return self.icdf(jr.uniform(key, shape))

@@ -94,12 +94,8 @@ class Discretization(eqx.Module):
         if self.num_levels is None:
             raise ValueError("Continuous data (num_levels=None) have no levels.")
         y = (jnp.asarray(x) - self.data_range[0]) / self.scale
-        return jnp.clip(jnp.floor(y * self.num_levels), 0, self.num_levels - 1).astype(
-            jnp.int32
-        )
+        return jnp.clip(jnp.floor(y * self.num_levels), 0, self.num_levels - 1).astype(jnp.int32)
 
     def bits_per_dim(self, nll: ArrayLike, *, dim: int) -> Array:
         """[`scoreflow_eqx.bits_per_dim`][] with this discretization."""
-        return bits_per_dim(
-            nll, dim=dim, num_levels=self.num_levels, data_range=self.data_range
-        )
+        return bits_per_dim(nll, dim=dim, num_levels=self.num_levels, data_range=self.data_range)

@@ -55,6 +55,4 @@ def make_embedding(kind: str, dim: int, *, key: PRNGKeyArray):
         return SinusoidalEmbedding(dim)
     if kind == "fourier":
         return FourierEmbedding(dim, key=key)
-    raise ValueError(
-        f"Unknown time embedding {kind!r}; valid ones are ['sinusoidal', 'fourier']."
-    )
+    raise ValueError(f"Unknown time embedding {kind!r}; valid ones are ['sinusoidal', 'fourier'].")

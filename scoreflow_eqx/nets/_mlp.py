@@ -5,7 +5,6 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
@@ -62,8 +61,7 @@ class MLP(eqx.Module):
             eqx.nn.Linear(sizes[i], sizes[i + 1], key=lkeys[i]) for i in range(depth)
         )
         self.time_layers = tuple(
-            eqx.nn.Linear(embedding_dim, width_size, key=lkeys[depth + i])
-            for i in range(depth)
+            eqx.nn.Linear(embedding_dim, width_size, key=lkeys[depth + i]) for i in range(depth)
         )
         out = eqx.nn.Linear(width_size, d, key=okey)
         self.out = eqx.tree_at(lambda l: l.weight, out, out.weight * 0.1)

@@ -1,0 +1,283 @@
+"""Probability-flow ODE likelihoods against closed forms (Gaussian mixtures with their
+exact score under VP, sub-VP and VE), NFE against counted network calls, and failure
+reporting."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import gaussian_mixture_2d
+
+import scoreflow_eqx as sf
+from scoreflow_eqx._divergence import (
+    sample_probes,
+    value_and_exact_divergence,
+    value_and_hutchinson_divergence,
+)
+from scoreflow_eqx._likelihood import evaluations_per_step
+
+
+SDES = {"vp": sf.VPSDE(), "subvp": sf.SubVPSDE(), "ve": sf.VESDE()}
+
+
+def exact_flow(sde, mixture=None):
+    mixture = gaussian_mixture_2d() if mixture is None else mixture
+    net = sf.nets.GaussianMixtureScore(mixture, sde)
+    return sf.ScoreFlow(sde, net, parameterization="score")
+
+
+def analytic_nll(flow, mixture, x, z):
+    """`-log p_ODE(x)` implied by the exact score: the exact flow maps p_eps to p_T, so
+    `log p_eps(x) = log p_T(z) + delta` while `log p_ODE(x) = log prior(z) + delta`;
+    hence `-log p_ODE(x) = -log p_eps(x) + [log p_T(z) - log prior(z)]`."""
+    p_eps = mixture.diffuse(flow.sde, flow.eps)
+    p_T = mixture.diffuse(flow.sde, flow.sde.T)
+    mismatch = p_T.log_prob(z) - flow.sde.prior_logp(z)
+    return -p_eps.log_prob(x) + mismatch
+
+
+@pytest.fixture(scope="module")
+def points():
+    mixture = gaussian_mixture_2d()
+    return jax.vmap(lambda k: mixture.sample(key=k))(jr.split(jr.key(0), 3))
+
+
+@eqx.filter_jit
+def _vmapped_nll(flow, xs, keys, kwargs):
+    return jax.vmap(lambda x, k: sf.ode_nll(flow, x, key=k, **kwargs))(xs, keys)
+
+
+# ---- divergence estimators -----------------------------------------------------------
+
+
+@jax.jit
+def _image_fn(x):
+    # A nonlinear map on (2, 3, 4)-shaped data with a dense Jacobian.
+    w = jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / x.size
+    return jnp.tanh(x * w + jnp.sum(x**2) / 10) + jnp.roll(x, 1) * jnp.sin(x)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_exact_divergence_any_shape(mode, chunk_size):
+    x = jr.normal(jr.key(1), (2, 3, 4))
+    jac = jax.jit(jax.jacfwd(_image_fn))(x).reshape(x.size, x.size)
+    fx, div = jax.jit(
+        lambda x: value_and_exact_divergence(
+            _image_fn, x, mode=mode, chunk_size=chunk_size
+        )
+    )(x)
+    np.testing.assert_allclose(fx, _image_fn(x))
+    np.testing.assert_allclose(div, jnp.trace(jac), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_divergence_unbiased(mode, probe):
+    x = jr.normal(jr.key(1), (2, 3, 4))
+    exact = jnp.trace(jax.jit(jax.jacfwd(_image_fn))(x).reshape(x.size, x.size))
+    probes = sample_probes(jr.key(2), x.shape, x.dtype, probe=probe, num_probes=4000)
+
+    @jax.jit
+    def estimates(probes):
+        _, est = value_and_hutchinson_divergence(_image_fn, x, probes, mode=mode)
+        # One probe at a time, for the standard error.
+        per_probe = jax.vmap(
+            lambda v: value_and_hutchinson_divergence(_image_fn, x, v[None], mode=mode)[
+                1
+            ]
+        )(probes)
+        return est, per_probe
+
+    est, per_probe = estimates(probes)
+    np.testing.assert_allclose(est, per_probe.mean(), rtol=1e-10)
+    se = per_probe.std() / np.sqrt(probes.shape[0])
+    assert abs(est - exact) < 4 * se
+    if probe == "rademacher":
+        assert set(np.unique(np.asarray(probes))) == {-1.0, 1.0}
+
+
+# ---- ODE NLL against the closed form -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,jacobian_mode", [("vp", "reverse"), ("subvp", "forward"), ("ve", "reverse")]
+)
+def test_exact_nll_matches_analytic(points, name, jacobian_mode):
+    mixture = gaussian_mixture_2d()
+    flow = exact_flow(SDES[name], mixture)
+    kwargs = dict(divergence="exact", jacobian_mode=jacobian_mode, rtol=1e-8, atol=1e-8)
+    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), kwargs)
+    assert bool(jnp.all(dfx.is_successful(res.result)))
+    expected = jax.vmap(lambda x, z: analytic_nll(flow, mixture, x, z))(points, res.z)
+    np.testing.assert_allclose(res.nll, expected, atol=1e-5)
+    # The parts add up, and the latent is the prior-space image of x.
+    np.testing.assert_allclose(res.nll, -(res.prior_logp + res.delta_logp))
+    assert res.z.shape == points.shape
+    # The prior mismatch is small but larger than the tolerance used here: the test
+    # would notice if it were ignored.
+    p_T = mixture.diffuse(flow.sde, flow.sde.T)
+    mismatch = jax.vmap(lambda z: p_T.log_prob(z) - flow.sde.prior_logp(z))(res.z)
+    assert float(jnp.max(jnp.abs(mismatch))) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "name,probe,num_probes,jacobian_mode",
+    [
+        ("vp", "rademacher", 1, "reverse"),
+        ("subvp", "gaussian", 1, "forward"),
+        ("ve", "rademacher", 3, "forward"),
+    ],
+)
+def test_hutchinson_nll_unbiased(points, name, probe, num_probes, jacobian_mode):
+    mixture = gaussian_mixture_2d()
+    flow = exact_flow(SDES[name], mixture)
+    n = 96
+    xs = jnp.broadcast_to(points[1], (n, 2))
+    kwargs = dict(
+        divergence="hutchinson",
+        probe=probe,
+        num_probes=num_probes,
+        jacobian_mode=jacobian_mode,
+        rtol=1e-7,
+        atol=1e-7,
+    )
+    res = _vmapped_nll(flow, xs, jr.split(jr.key(3), n), kwargs)
+    assert bool(jnp.all(dfx.is_successful(res.result)))
+    # The x-trajectory does not depend on the probes: same latent for every probe.
+    np.testing.assert_allclose(
+        res.z, jnp.broadcast_to(res.z[0], res.z.shape), atol=1e-5
+    )
+    expected = analytic_nll(flow, mixture, points[1], res.z[0])
+    se = res.nll.std() / np.sqrt(n)
+    assert se > 0  # the estimate is random
+    assert abs(res.nll.mean() - expected) < 4 * se + 1e-4
+
+
+# ---- NFE: an honest count ------------------------------------------------------------
+
+
+class _CountingNet(eqx.Module):
+    inner: eqx.Module
+
+    def __call__(self, t, x):
+        jax.debug.callback(_record_call, t)
+        return self.inner(t, x)
+
+
+_CALLS = []
+
+
+def _record_call(t):
+    _CALLS.append(1)
+
+
+def _counting_flow():
+    sde = SDES["ve"]
+    net = _CountingNet(sf.nets.GaussianMixtureScore(gaussian_mixture_2d(), sde))
+    return sf.ScoreFlow(sde, net, parameterization="score")
+
+
+def test_nfe_equals_counted_calls_under_vmap(points):
+    flow = _counting_flow()
+    _CALLS.clear()
+    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), dict(divergence="exact"))
+    jax.block_until_ready(res.nll)
+    nfe = np.asarray(res.nfe)
+    np.testing.assert_array_equal(nfe, 6 * np.asarray(res.stats["num_steps"]) + 1)
+    assert len(set(nfe.tolist())) > 1  # the examples took different numbers of steps
+    # The batched loop runs until the slowest example is done (the callback fires once
+    # per example and call): a vmapped batch costs max(nfe) batched calls, and every
+    # example's own NFE is honest.
+    assert len(_CALLS) == points.shape[0] * nfe.max()
+    # Unbatched: the count equals the NFE exactly, and the result is the same.
+    _CALLS.clear()
+    single = eqx.filter_jit(lambda f, x: sf.ode_nll(f, x, divergence="exact"))(
+        flow, points[0]
+    )
+    jax.block_until_ready(single.nll)
+    assert len(_CALLS) == int(single.nfe) == nfe[0]
+    np.testing.assert_allclose(single.nll, res.nll[0], rtol=1e-12)
+
+
+def test_nfe_other_solver_forward_mode(points):
+    # Tsit5 (FSAL, 7 stages) with forward-mode Hutchinson and several probes: still one
+    # network evaluation per vector-field evaluation.
+    flow = _counting_flow()
+    solver = dfx.Tsit5()
+    fn = eqx.filter_jit(
+        lambda f, x: sf.ode_nll(
+            f,
+            x,
+            key=jr.key(0),
+            solver=solver,
+            jacobian_mode="forward",
+            num_probes=2,
+            rtol=1e-3,
+            atol=1e-3,
+        )
+    )
+    _CALLS.clear()
+    res = fn(flow, points[0])
+    jax.block_until_ready(res.nll)
+    per_step, initial = evaluations_per_step(solver)
+    assert (per_step, initial) == (6, 1)
+    assert len(_CALLS) == int(res.nfe) == 6 * int(res.stats["num_steps"]) + 1
+    assert evaluations_per_step(dfx.Heun()) == (2, 0)
+    assert evaluations_per_step(dfx.Euler()) == (1, 0)
+
+
+def test_batched_solve_agrees(points):
+    # One ODE for the whole batch (shared step size), with one key per example: the
+    # probes are those of the per-example solves, so at tight tolerances the results
+    # agree with vmapped ode_nll to solver accuracy.
+    flow = exact_flow(SDES["vp"])
+    keys = jr.split(jr.key(7), 3)
+    kwargs = dict(divergence="hutchinson", rtol=1e-8, atol=1e-8)
+    batched = eqx.filter_jit(lambda f, x, k: sf.ode_nll_batched(f, x, key=k, **kwargs))(
+        flow, points, keys
+    )
+    vmapped = _vmapped_nll(flow, points, keys, kwargs)
+    np.testing.assert_allclose(batched.nll, vmapped.nll, atol=1e-5)
+    np.testing.assert_allclose(batched.z, vmapped.z, atol=1e-5)
+    assert len(set(np.asarray(batched.nfe).tolist())) == 1  # one shared step size
+    assert int(batched.nfe[0]) == 6 * int(batched.stats["num_steps"]) + 1
+
+
+# ---- failures ------------------------------------------------------------------------
+
+
+def test_max_steps_failure_is_reported(points):
+    flow = exact_flow(SDES["ve"])
+    res = _vmapped_nll(
+        flow, points, jr.split(jr.key(0), 3), dict(divergence="exact", max_steps=3)
+    )
+    assert bool(jnp.all(res.nfe == 6 * 3 + 1))
+    assert not bool(jnp.any(dfx.is_successful(res.result)))
+    assert bool(jnp.all(res.result == dfx.RESULTS.max_steps_reached))
+    assert bool(jnp.all(jnp.isnan(res.nll)))
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        fn = eqx.filter_jit(
+            lambda f, x: sf.ode_nll(f, x, divergence="exact", max_steps=3, throw=True)
+        )
+        jax.block_until_ready(fn(flow, points[0]).nll)
+
+
+def test_bad_options():
+    flow = exact_flow(SDES["ve"])
+    x = jnp.zeros(2)
+    with pytest.raises(ValueError, match="valid ones are"):
+        sf.ode_nll(flow, x, divergence="trace", key=jr.key(0))
+    with pytest.raises(ValueError, match="pass `key=`"):
+        sf.ode_nll(flow, x)
+    with pytest.raises(ValueError, match="valid probes"):
+        sf.ode_nll(flow, x, key=jr.key(0), probe="uniform")
+    with pytest.raises(ValueError, match="valid modes"):
+        sf.ode_nll(flow, x, key=jr.key(0), jacobian_mode="both")
+    with pytest.raises(ValueError, match="explicit"):
+        sf.ode_nll(flow, x, divergence="exact", solver=dfx.Kvaerno5())
+    with pytest.raises((TypeError, ValueError)):  # jaxtyping or our own check
+        sf.ode_nll(flow, jnp.zeros(2, jnp.int32), divergence="exact")

@@ -89,9 +89,7 @@ def _heldout_objective(flow, x, key, num_t=64):
     """Likelihood-weighted DSM objective on held-out data, averaged over many t per
     example with common random numbers: the model-dependent part of the bound."""
     keys = jr.split(key, (x.shape[0], num_t))
-    per = jax.vmap(jax.vmap(lambda xi, k: flow.loss(xi, key=k), in_axes=(None, 0)))(
-        x, keys
-    )
+    per = jax.vmap(jax.vmap(lambda xi, k: flow.loss(xi, key=k), in_axes=(None, 0)))(x, keys)
     per = per.mean(axis=1)
     return per.mean(), per.std() / np.sqrt(per.shape[0])
 
@@ -121,9 +119,7 @@ def test_training_lowers_heldout_bound(flow, mixture_data, tmp_path):
     # Most of the gap to the exact score is closed.
     assert after - best < 0.5 * (before - best)
     # Logged metrics, config and a loadable flow.
-    lines = [
-        json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-    ]
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [100, 200, 300, 400]
     assert {"loss", "grad_norm", "lr", "steps_per_sec"} <= set(lines[0])
     assert lines[-1]["loss"] < lines[0]["loss"]
@@ -184,16 +180,12 @@ def test_bad_input_fails_early(flow, mixture_data, tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         sf.train(flow, bad, key=jr.key(0), steps=1, **KW)
     digits = sf.data.load_dataset("digits")
-    with pytest.raises(
-        ValueError, match=r"expects one example of shape \(2,\).*\(1, 8, 8\)"
-    ):
+    with pytest.raises(ValueError, match=r"expects one example of shape \(2,\).*\(1, 8, 8\)"):
         sf.train(flow, digits, key=jr.key(0), steps=1, **KW)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not writable"):
-        sf.train(
-            flow, mixture_data, key=jr.key(0), steps=1, workdir=blocker / "run", **KW
-        )
+        sf.train(flow, mixture_data, key=jr.key(0), steps=1, workdir=blocker / "run", **KW)
     if os.geteuid() != 0:  # root ignores permissions
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -215,9 +207,7 @@ def test_bad_input_fails_early(flow, mixture_data, tmp_path):
             **{k: v for k, v in KW.items()},
         )
     with pytest.raises(ValueError, match="divisible by the number of devices"):
-        sf.train(
-            flow, mixture_data, key=jr.key(0), steps=1, **(KW | {"batch_size": 30})
-        )
+        sf.train(flow, mixture_data, key=jr.key(0), steps=1, **(KW | {"batch_size": 30}))
     with pytest.raises(ValueError, match="needs a test split"):
         sf.train(flow, mixture_data.train, key=jr.key(0), steps=1, eval_every=1, **KW)
     with pytest.raises(ValueError, match="`steps` must be a positive integer"):
@@ -238,9 +228,44 @@ def test_loss_variance_diagnostic(mixture_data):
         res = sf.loss_variance(exact, stream, key=jr.key(0), num_batches=8)
     assert res.num_samples == 4096
     assert res.variance_ratio > 20
-    se = np.sqrt(
-        res.var_uniform / res.num_samples + res.var_importance / res.num_samples
-    )
+    se = np.sqrt(res.var_uniform / res.num_samples + res.var_importance / res.num_samples)
     assert abs(res.mean_uniform - res.mean_importance) < 4 * se
     with pytest.raises(ValueError, match="empty"):
         sf.loss_variance(exact, [], key=jr.key(0))
+
+
+def test_periodic_evaluation(flow, mixture_data, tmp_path):
+    small = sf.data.from_arrays(
+        mixture_data.train, mixture_data.test[:16], num_levels=None, name="small"
+    )
+    key = jr.key(8)
+    res = sf.train(
+        flow,
+        small,
+        key=key,
+        steps=6,
+        eval_every=3,
+        eval_ode_every=6,
+        eval_batch_size=16,
+        workdir=tmp_path,
+        **KW,
+    )
+    assert [e["step"] for e in res.evaluations] == [3, 6]
+    assert "test_bpd_ode" in res.evaluations[1] and "test_bpd_ode" not in res.evaluations[0]
+    for e in res.evaluations:
+        assert np.isfinite(e["test_bpd_bound"]) and e["num_failed_bound"] == 0
+    assert np.isfinite(res.evaluations[1]["test_bpd_ode"])
+    # The logged numbers are those of `sf.evaluate_bpd` on the EMA flow.
+    eval_key = jr.fold_in(jr.split(key, 3)[2], 6)
+    direct = sf.evaluate_bpd(
+        res.ema_flow,
+        small.test,
+        discretization=small.discretization,
+        key=eval_key,
+        method="bound",
+        batch_size=16,
+        show_progress=False,
+    )
+    np.testing.assert_allclose(direct.bpd, res.evaluations[1]["test_bpd_bound"], rtol=1e-6)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert sum('"eval"' in line for line in lines) == 2

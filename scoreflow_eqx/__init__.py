@@ -4,6 +4,17 @@ diffusion models (Song, Durkan, Murray, Ermon 2021) in JAX, Equinox and Diffrax.
 from . import data as data, nets as nets, plotting as plotting
 from ._bound import nll_bound as nll_bound, NLLBoundResult as NLLBoundResult
 from ._bpd import BPDResult as BPDResult, evaluate_bpd as evaluate_bpd
+from ._checkpoint import Checkpointer as Checkpointer
+from ._diagnostics import (
+    loss_variance as loss_variance,
+    LossVarianceResult as LossVarianceResult,
+)
+from ._factory import (
+    flow_config as flow_config,
+    make_flow as make_flow,
+    make_net as make_net,
+    make_sde as make_sde,
+)
 from ._flow import ScoreFlow as ScoreFlow
 from ._likelihood import (
     ode_nll as ode_nll,
@@ -26,7 +37,16 @@ from ._sde import (
     VESDE as VESDE,
     VPSDE as VPSDE,
 )
+from ._sharding import data_parallel_mesh as data_parallel_mesh
 from ._time_sampling import ImportanceSampler as ImportanceSampler
+from ._train import (
+    default_optimizer as default_optimizer,
+    load_flow as load_flow,
+    make_train_step as make_train_step,
+    train as train,
+    TrainResult as TrainResult,
+    TrainState as TrainState,
+)
 from .data._discretization import bits_per_dim as bits_per_dim
 
 

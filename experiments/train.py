@@ -54,7 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--beta-max", type=float, default=20.0, help="VP/subVP")
     m.add_argument("--sigma-min", type=float, default=0.01, help="VE")
     m.add_argument("--sigma-max", type=float, default=50.0, help="VE")
-    m.add_argument("--net", default="mlp", choices=["mlp", "unet"])
+    m.add_argument(
+        "--net",
+        default=None,
+        choices=["mlp", "unet"],
+        help="default: unet for images (the 'digits' preset on 8x8), mlp otherwise",
+    )
     m.add_argument("--width", type=int, default=256, help="MLP hidden width")
     m.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
     m.add_argument(
@@ -64,27 +69,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="extra JSON keyword arguments of the net, e.g. '{\"hidden_size\": 64}'",
     )
     t = p.add_argument_group("training")
-    t.add_argument(
-        "--weighting", default="likelihood", choices=["likelihood", "score_sde"]
-    )
+    t.add_argument("--weighting", default="likelihood", choices=["likelihood", "score_sde"])
     t.add_argument(
         "--importance-sampling",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="draw t from the importance-sampling proposal",
     )
-    t.add_argument("--steps", type=int, default=6000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--steps", type=int, default=None, help="default: 2600 images, 6000 else")
+    t.add_argument("--batch-size", type=int, default=None, help="default: 64 images, 128 else")
+    t.add_argument("--lr", type=float, default=None, help="default: 1.5e-3 images, 2e-3 else")
     t.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument(
+        "--ema-decay", type=float, default=None, help="default: 0.998 images, 0.999 else"
+    )
     t.add_argument("--steps-per-jit", type=int, default=1)
     t.add_argument("--checkpoint-every", type=int, default=1000)
     t.add_argument("--log-every", type=int, default=100)
-    t.add_argument(
-        "--eval-every", type=int, default=0, help="test bits/dim (bound) every N steps"
-    )
+    t.add_argument("--eval-every", type=int, default=0, help="test bits/dim (bound) every N steps")
     t.add_argument(
         "--eval-ode-every",
         type=int,
@@ -94,17 +97,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--workdir", required=True, help="checkpoints, logs and results")
     t.add_argument("--seed", type=int, default=0)
     e = p.add_argument_group("final evaluation")
-    e.add_argument(
-        "--eval-examples", type=int, default=None, help="test examples (default all)"
-    )
+    e.add_argument("--eval-examples", type=int, default=None, help="test examples (default all)")
     e.add_argument("--eval-batch-size", type=int, default=64)
     e.add_argument(
-        "--num-samples", type=int, default=64, help="samples in the PNG grid"
+        "--bound-num-t",
+        type=int,
+        default=100,
+        help="importance-sampled times per example for the bound (the paper uses 1000)",
     )
+    e.add_argument("--rtol", type=float, default=1e-5, help="ODE tolerance (rtol = atol)")
+    e.add_argument("--num-samples", type=int, default=64, help="samples in the PNG grid")
     e.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--quick", action="store_true", help="a tiny smoke-test run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+# Defaults by kind of data; the image defaults are the README's digits job, chosen to train
+# and evaluate in about 15 minutes on 2 CPU cores.
+IMAGE_DEFAULTS = dict(net="unet", steps=2600, batch_size=64, lr=1.5e-3, ema_decay=0.998)
+VECTOR_DEFAULTS = dict(net="mlp", steps=6000, batch_size=128, lr=2e-3, ema_decay=0.999)
+
+
+def resolve_defaults(args, data_shape) -> argparse.Namespace:
+    defaults = IMAGE_DEFAULTS if len(data_shape) == 3 else VECTOR_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.steps = min(args.steps, 30)
         args.batch_size = min(args.batch_size, 32)
@@ -114,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.width = min(args.width, 64)
         args.eval_examples = min(args.eval_examples or 16, 16)
         args.num_samples = min(args.num_samples, 16)
+        args.bound_num_t = min(args.bound_num_t, 10)
+        if args.net == "unet" and not args.net_kwargs:
+            args.net_kwargs = {"base_channels": 8, "channel_mults": [1], "num_res_blocks": 1}
     return args
 
 
@@ -123,30 +145,30 @@ def sde_kwargs(args) -> dict:
     return {"beta_min": args.beta_min, "beta_max": args.beta_max}
 
 
-def net_kwargs(args) -> dict:
+def net_kwargs(args, data_shape) -> dict:
     if args.net == "mlp":
         return {"width_size": args.width, "depth": args.depth, **args.net_kwargs}
+    if not args.net_kwargs and tuple(data_shape) == (1, 8, 8):
+        from scoreflow_eqx.nets import UNET_PRESETS
+
+        preset = {k: v for k, v in UNET_PRESETS["digits"].items() if k != "data_shape"}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()}
     return dict(args.net_kwargs)
 
 
 # --------------------------------------------------------------------------------------
-# Evaluation and sampling: `sf.evaluate_bpd` (scoreflow_eqx/_bpd.py), `sf.sample` and
-# `scoreflow_eqx.plotting.save_image_grid` live in other modules of the library; all
-# calls to them are here.
+# Final evaluation and sampling.
 
 
 def final_evaluation(sf, flow, dataset, args, key) -> dict:
     import jax.random as jr
 
-    if not hasattr(sf, "evaluate_bpd"):
-        print("note: sf.evaluate_bpd is not available in this installation; skipped.")
-        return {}
-    test = (
-        dataset.test
-        if args.eval_examples is None
-        else dataset.test[: args.eval_examples]
-    )
+    test = dataset.test if args.eval_examples is None else dataset.test[: args.eval_examples]
     results = {}
+    options = {
+        "bound": {"num_t": args.bound_num_t},
+        "ode": {"rtol": args.rtol, "atol": args.rtol},
+    }
     for i, method in enumerate(("bound", "ode")):
         t0 = time.perf_counter()
         res = sf.evaluate_bpd(
@@ -157,6 +179,7 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
             method=method,
             batch_size=args.eval_batch_size,
             show_progress=not args.no_progress,
+            **options[method],
         )
         seconds = time.perf_counter() - t0
         results[method] = {
@@ -183,18 +206,10 @@ def save_samples(sf, flow, dataset, args, key) -> str | None:
 
     if len(dataset.data_shape) != 3:
         return None  # a grid of images only makes sense for image data
-    try:
-        from scoreflow_eqx.plotting import save_image_grid
-    except ImportError:
-        print("note: scoreflow_eqx.plotting is not available; no sample grid.")
-        return None
-    if not hasattr(sf, "sample"):
-        print("note: sf.sample is not available in this installation; no sample grid.")
-        return None
+    from scoreflow_eqx.plotting import save_image_grid
+
     keys = jr.split(key, args.num_samples)
-    draw = jax.jit(
-        jax.vmap(lambda k: sf.sample(flow, dataset.data_shape, key=k, method="ode"))
-    )
+    draw = jax.jit(jax.vmap(lambda k: sf.sample(flow, dataset.data_shape, key=k, method="ode")))
     samples = draw(keys)
     samples = getattr(samples, "x", samples)  # a solution record or the array itself
     low, high = dataset.discretization.data_range
@@ -222,12 +237,18 @@ def main(argv=None) -> dict:
         data_range=None if args.data_range is None else tuple(args.data_range),
     )
     print(dataset)
+    args = resolve_defaults(args, dataset.data_shape)
     cfg = sf.flow_config(
         dataset.data_shape,
         sde=args.sde,
         sde_kwargs=sde_kwargs(args),
         net=args.net,
-        net_kwargs=net_kwargs(args),
+        net_kwargs=net_kwargs(args, dataset.data_shape),
+    )
+    print(
+        f"net {args.net} {cfg['net_kwargs']}, {args.steps} steps at batch {args.batch_size}, "
+        f"lr {args.lr}, EMA {args.ema_decay}, {args.weighting} weighting, "
+        f"importance sampling {args.importance_sampling}"
     )
     init_key, train_key, eval_key, sample_key = jr.split(jr.key(args.seed), 4)
     flow = sf.make_flow(cfg, key=init_key)
@@ -262,12 +283,8 @@ def main(argv=None) -> dict:
     if result.metrics:
         summary["final_loss"] = result.metrics[-1]["loss"]
     if not args.no_eval:
-        summary["test_bpd"] = final_evaluation(
-            sf, result.ema_flow, dataset, args, eval_key
-        )
-        summary["samples"] = save_samples(
-            sf, result.ema_flow, dataset, args, sample_key
-        )
+        summary["test_bpd"] = final_evaluation(sf, result.ema_flow, dataset, args, eval_key)
+        summary["samples"] = save_samples(sf, result.ema_flow, dataset, args, sample_key)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

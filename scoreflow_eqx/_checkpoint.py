@@ -132,8 +132,7 @@ class Checkpointer:
                 self._quarantine(failed)
             return restored, s
         raise RuntimeError(
-            f"No checkpoint in {self.directory} could be restored:\n"
-            + "\n".join(errors)
+            f"No checkpoint in {self.directory} could be restored:\n" + "\n".join(errors)
         )
 
     def _quarantine(self, steps: list[int]) -> None:
@@ -148,10 +147,7 @@ class Checkpointer:
         self._manager.reload()
 
     def _restore_step(self, step, abstract_state, data_iterator):
-        items = {
-            name: ocp.args.StandardRestore(tree)
-            for name, tree in abstract_state.items()
-        }
+        items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_state.items()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))

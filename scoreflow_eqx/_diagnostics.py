@@ -78,9 +78,7 @@ def loss_variance(
         batches = itertools.islice(batches, num_batches)
     uniform, importance = [], []
     for i, batch in enumerate(batches):
-        u, s = _per_example_losses(
-            flow, jnp.asarray(batch), jr.fold_in(key, i), weighting
-        )
+        u, s = _per_example_losses(flow, jnp.asarray(batch), jr.fold_in(key, i), weighting)
         uniform.append(np.asarray(u))
         importance.append(np.asarray(s))
     if not uniform:

@@ -21,9 +21,7 @@ def make_sde(name: str, **kwargs) -> AbstractSDE:
     try:
         cls = SDES[name.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(
-            f"Unknown SDE {name!r}; valid SDEs are {sorted(SDES)}."
-        ) from None
+        raise ValueError(f"Unknown SDE {name!r}; valid SDEs are {sorted(SDES)}.") from None
     return cls(**kwargs)
 
 
@@ -32,10 +30,7 @@ def make_net(name: str, data_shape: tuple[int, ...], *, key: PRNGKeyArray, **kwa
     if name == "mlp":
         return nets.MLP(tuple(data_shape), key=key, **kwargs)
     if name == "unet":
-        unet = getattr(nets, "UNet", None)
-        if unet is None:
-            raise ValueError("`sf.nets.UNet` is not available in this installation.")
-        return unet(data_shape=tuple(data_shape), key=key, **kwargs)
+        return nets.UNet(data_shape=tuple(data_shape), key=key, **kwargs)
     raise ValueError(f"Unknown net {name!r}; valid nets are {list(NETS)}.")
 
 

@@ -108,9 +108,7 @@ class AbstractSDE(eqx.Module):
 
     # ---- derived quantities -------------------------------------------------------------
 
-    def prior_sample(
-        self, key: PRNGKeyArray, shape: tuple[int, ...], dtype=None
-    ) -> Array:
+    def prior_sample(self, key: PRNGKeyArray, shape: tuple[int, ...], dtype=None) -> Array:
         """A sample of the prior `N(0, prior_std^2 I)` with the given shape."""
         if dtype is None:
             dtype = jnp.zeros(()).dtype  # the default float dtype

@@ -155,11 +155,7 @@ def make_train_step(
     if not 0 <= ema_decay < 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay!r}.")
     repl = replicated_sharding(mesh)
-    spec = (
-        PartitionSpec(BATCH_AXIS)
-        if steps_per_jit == 1
-        else PartitionSpec(None, BATCH_AXIS)
-    )
+    spec = PartitionSpec(BATCH_AXIS) if steps_per_jit == 1 else PartitionSpec(None, BATCH_AXIS)
     data_sharding = NamedSharding(mesh, spec)
 
     def loss_fn(flow, batch, key):
@@ -226,9 +222,7 @@ def _state_items(state: TrainState) -> dict[str, Any]:
 def _state_from_items(template: TrainState, items: dict[str, Any]) -> TrainState:
     params, static = eqx.partition(template.flow, eqx.is_inexact_array)
     params = jax.tree.unflatten(jax.tree.structure(params), items["params"])
-    ema = jax.tree.unflatten(
-        jax.tree.structure(template.ema_params), items["ema_params"]
-    )
+    ema = jax.tree.unflatten(jax.tree.structure(template.ema_params), items["ema_params"])
     opt = jax.tree.unflatten(jax.tree.structure(template.opt_state), items["opt_state"])
     return TrainState(
         flow=eqx.combine(params, static),
@@ -317,8 +311,7 @@ def _as_dataset(data, discretization) -> Dataset:
     check_values(array, disc, what="training data")
     if array.ndim < 2:
         raise ValueError(
-            "Training data must be shaped (num_examples, *data_shape), got "
-            f"{array.shape}."
+            f"Training data must be shaped (num_examples, *data_shape), got {array.shape}."
         )
     return Dataset(
         name="array",
@@ -445,19 +438,14 @@ def train(
         )
     dtype = jnp.zeros(()).dtype  # the default float dtype
     _check_flow_accepts(flow, dataset.data_shape, dtype)
-    if (
-        flow_config is not None
-        and tuple(flow_config["data_shape"]) != dataset.data_shape
-    ):
+    if flow_config is not None and tuple(flow_config["data_shape"]) != dataset.data_shape:
         raise ValueError(
             f"flow_config data_shape {tuple(flow_config['data_shape'])} differs "
             "from the "
             f"data's {dataset.data_shape}."
         )
     if (eval_every or eval_ode_every) and len(dataset.test) == 0:
-        raise ValueError(
-            "Evaluation needs a test split; pass a Dataset with test data."
-        )
+        raise ValueError("Evaluation needs a test split; pass a Dataset with test data.")
     if eval_every or eval_ode_every:
         _evaluate_bpd_function()
     is_main = jax.process_index() == 0
@@ -496,23 +484,17 @@ def train(
     }
 
     if optimizer is None:
-        optimizer = default_optimizer(
-            lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip
-        )
+        optimizer = default_optimizer(lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip)
     optimizer = _skip_nonfinite(optimizer)
     state = replicate(init_state(flow, optimizer, key=train_key), mesh)
 
     local_batch = batch_size // jax.process_count()
-    pipeline = make_pipeline(
-        dataset, batch_size=local_batch, seed=data_seed, dtype=dtype
-    )
+    pipeline = make_pipeline(dataset, batch_size=local_batch, seed=data_seed, dtype=dtype)
     data_iter = iter(pipeline)
 
     checkpointer = None
     if workdir is not None:
-        checkpointer = Checkpointer(
-            os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=max_to_keep
-        )
+        checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=max_to_keep)
         if checkpointer.latest_step() is not None:
             saved = _read_config(workdir)
             if saved is not None and saved.get("flow") != run_config["flow"]:
@@ -523,9 +505,7 @@ def train(
                     "use another work directory."
                 )
             abstract = abstract_like(_state_items(state), replicated_sharding(mesh))
-            restored = checkpointer.restore(
-                abstract, data_iterator=data_iter, quarantine=True
-            )
+            restored = checkpointer.restore(abstract, data_iterator=data_iter, quarantine=True)
             if restored is not None:
                 state = _state_from_items(state, restored[0])
         if is_main:
@@ -540,9 +520,7 @@ def train(
         steps_per_jit=steps_per_jit,
     )
     batch_spec = (
-        PartitionSpec(BATCH_AXIS)
-        if steps_per_jit == 1
-        else PartitionSpec(None, BATCH_AXIS)
+        PartitionSpec(BATCH_AXIS) if steps_per_jit == 1 else PartitionSpec(None, BATCH_AXIS)
     )
     batch_sharding = NamedSharding(mesh, batch_spec)
 
@@ -551,9 +529,7 @@ def train(
     records: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
     pending: list[dict[str, Array]] = []
-    metrics_path = (
-        os.path.join(workdir, METRICS_FILE) if (workdir and is_main) else None
-    )
+    metrics_path = os.path.join(workdir, METRICS_FILE) if (workdir and is_main) else None
     bar = tqdm(
         total=steps,
         initial=start,
@@ -570,10 +546,7 @@ def train(
         fetched = jax.device_get(pending)
         pending = []
         now = time.perf_counter()
-        arrays = {
-            k: np.concatenate([np.reshape(m[k], -1) for m in fetched])
-            for k in fetched[0]
-        }
+        arrays = {k: np.concatenate([np.reshape(m[k], -1) for m in fetched]) for k in fetched[0]}
         losses.append(arrays["loss"])
         record = {
             "step": step,
@@ -626,9 +599,7 @@ def train(
                 saved_state = jax.tree.map(
                     jnp.copy, _state_items(state)
                 )  # the state is donated next
-                checkpointer.save(
-                    step, saved_state, data_iterator=data_iter, config=run_config
-                )
+                checkpointer.save(step, saved_state, data_iterator=data_iter, config=run_config)
             do_bound = crossed(eval_every, before, step)
             do_ode = crossed(eval_ode_every, before, step)
             if do_bound or do_ode:
@@ -703,9 +674,7 @@ def load_flow(
     workdir = os.path.abspath(os.fspath(workdir))
     config = _read_config(workdir)
     if config is None:
-        raise ValueError(
-            f"{workdir} has no {CONFIG_FILE}: not a training work directory."
-        )
+        raise ValueError(f"{workdir} has no {CONFIG_FILE}: not a training work directory.")
     if like is None:
         if config.get("flow") is None:
             raise ValueError(

@@ -40,9 +40,7 @@ def bits_per_dim(
     low, high = data_range
     a = high - low
     if not a > 0:
-        raise ValueError(
-            f"`data_range` must be (low, high) with low < high, got {data_range!r}."
-        )
+        raise ValueError(f"`data_range` must be (low, high) with low < high, got {data_range!r}.")
     return (nll / dim - math.log(a) + math.log(num_levels)) / math.log(2)
 
 
@@ -62,9 +60,7 @@ class Discretization(eqx.Module):
 
     def __check_init__(self):
         if self.num_levels is not None and self.num_levels < 2:
-            raise ValueError(
-                f"`num_levels` must be >= 2 or None, got {self.num_levels!r}."
-            )
+            raise ValueError(f"`num_levels` must be >= 2 or None, got {self.num_levels!r}.")
         low, high = self.data_range
         if not high > low:
             raise ValueError(

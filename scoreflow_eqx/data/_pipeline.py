@@ -92,13 +92,9 @@ def make_pipeline(
     """
     if isinstance(data, Dataset):
         if split not in ("train", "test"):
-            raise ValueError(
-                f"Unknown split {split!r}; valid splits are ['train', 'test']."
-            )
+            raise ValueError(f"Unknown split {split!r}; valid splits are ['train', 'test'].")
         array = getattr(data, split)
-        discretization = (
-            data.discretization if discretization is None else discretization
-        )
+        discretization = data.discretization if discretization is None else discretization
         name = f"{data.name}/{split}"
     else:
         array = np.asarray(data)
@@ -114,8 +110,7 @@ def make_pipeline(
         ds = ds[pi::pc]
     if len(ds) < batch_size:
         raise ValueError(
-            f"{name}: {len(ds)} examples on this process, fewer than one batch of "
-            f"{batch_size}."
+            f"{name}: {len(ds)} examples on this process, fewer than one batch of {batch_size}."
         )
     ds = ds.seed(seed)
     if shuffle:

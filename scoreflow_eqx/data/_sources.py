@@ -61,9 +61,7 @@ class Dataset:
         )
 
 
-def check_values(
-    array: np.ndarray, discretization: Discretization, *, what: str
-) -> None:
+def check_values(array: np.ndarray, discretization: Discretization, *, what: str) -> None:
     """Raise a ValueError unless `array` holds valid values for `discretization`: finite
     everywhere, and integer levels in `[0, num_levels)` for discrete data."""
     array = np.asarray(array)
@@ -160,17 +158,13 @@ TOYS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 }
 
 
-def toy(
-    name: str, *, seed: int = 0, num_train: int = 50_000, num_test: int = 10_000
-) -> Dataset:
+def toy(name: str, *, seed: int = 0, num_train: int = 50_000, num_test: int = 10_000) -> Dataset:
     """A continuous 2-D toy density (`"checkerboard"`, `"eight_gaussians"`,
     `"swiss_roll"`, `"two_moons"`), drawn deterministically from `seed` (the test set
     from an independent stream). The values are roughly in `[-4, 4]^2` and are used as
     they are (no discretization: bits/dim are those of the continuous density)."""
     if name not in TOYS:
-        raise ValueError(
-            f"Unknown toy dataset {name!r}; valid toys are {sorted(TOYS)}."
-        )
+        raise ValueError(f"Unknown toy dataset {name!r}; valid toys are {sorted(TOYS)}.")
     train_rng, test_rng = (np.random.default_rng([seed, i]) for i in range(2))
     make = TOYS[name]
     return Dataset(
@@ -220,9 +214,7 @@ def from_arrays(
     check_values(train, discretization, what=name)
     if test is None:
         if not 0 < test_fraction < 1:
-            raise ValueError(
-                f"`test_fraction` must lie in (0, 1), got {test_fraction!r}."
-            )
+            raise ValueError(f"`test_fraction` must lie in (0, 1), got {test_fraction!r}.")
         perm = np.random.default_rng(seed).permutation(len(train))
         num_test = max(1, int(round(test_fraction * len(train))))
         train, test = train[perm[num_test:]], train[perm[:num_test]]

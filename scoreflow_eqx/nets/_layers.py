@@ -96,9 +96,7 @@ class Conv2dNHWC(eqx.Module):
                 for i in range(kh)
                 for j in range(kw)
             ]
-            out = jnp.concatenate(patches, axis=-1) @ weight.reshape(
-                kh * kw * cin, cout
-            )
+            out = jnp.concatenate(patches, axis=-1) @ weight.reshape(kh * kw * cin, cout)
         else:
             out = jax.lax.conv_general_dilated(
                 x[None],
@@ -129,8 +127,7 @@ class GroupNormLast(eqx.Module):
     def __init__(self, groups: int, channels: int, eps: float = 1e-5, *, dtype=None):
         if channels % groups:
             raise ValueError(
-                f"GroupNorm: `groups`={groups} must divide the channel count "
-                f"{channels}."
+                f"GroupNorm: `groups`={groups} must divide the channel count {channels}."
             )
         dtype = default_float_dtype() if dtype is None else dtype
         self.weight = jnp.ones((channels,), dtype)
@@ -138,9 +135,7 @@ class GroupNormLast(eqx.Module):
         self.groups = int(groups)
         self.eps = float(eps)
 
-    def __call__(
-        self, x: Float[Array, "*spatial channels"]
-    ) -> Float[Array, "*spatial channels"]:
+    def __call__(self, x: Float[Array, "*spatial channels"]) -> Float[Array, "*spatial channels"]:
         orig_dtype = x.dtype
         with jax.numpy_dtype_promotion("standard"):
             dtype = jnp.result_type(x.dtype, jnp.float32)
@@ -148,9 +143,7 @@ class GroupNormLast(eqx.Module):
         c = x.shape[-1]
         y = x.reshape(-1, self.groups, c // self.groups)
         mean = jnp.mean(y, axis=(0, 2), keepdims=True)
-        var = jnp.maximum(
-            jnp.mean(jnp.square(y - mean), axis=(0, 2), keepdims=True), 0.0
-        )
+        var = jnp.maximum(jnp.mean(jnp.square(y - mean), axis=(0, 2), keepdims=True), 0.0)
         y = (y - mean) * jax.lax.rsqrt(var + self.eps)
         out = y.reshape(x.shape)
         lead = (None,) * (x.ndim - 1)

@@ -17,7 +17,7 @@ from ._divergence import (
     value_and_hutchinson_divergence,
 )
 from ._flow import ScoreFlow
-from ._solver import evaluations_per_step
+from ._solver import evaluations_per_step, num_function_evaluations
 
 
 DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")
@@ -98,30 +98,33 @@ def _check_options(divergence, probe, num_probes, jacobian_mode, key):
 
 
 def _solve(
-    flow,
-    y0,
-    probes,
-    vector_field,
-    solver,
-    rtol,
-    atol,
-    dt0,
-    max_steps,
-    throw,
-    progress_meter,
-):
-    return dfx.diffeqsolve(
+    flow, y0, probes, vector_field, solver, *, batched: bool, **solve_options
+) -> "ODENLLResult":
+    # One diffrax solve of the augmented state from eps to T, and its bookkeeping.
+    rtol, atol = solve_options.pop("rtol"), solve_options.pop("atol")
+    sol = dfx.diffeqsolve(
         dfx.ODETerm(vector_field),
         solver,
         t0=flow.eps,
         t1=flow.sde.T,
-        dt0=dt0,
         y0=y0,
         args=probes,
         stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
-        max_steps=max_steps,
-        throw=throw,
-        progress_meter=progress_meter,
+        **solve_options,
+    )
+    (z,), (delta,) = sol.ys
+    prior_logp = (jax.vmap(flow.sde.prior_logp) if batched else flow.sde.prior_logp)(z)
+    ok = dfx.is_successful(sol.result)
+    nll = jnp.where(ok, -(prior_logp + delta), jnp.nan)
+    nfe = jnp.broadcast_to(num_function_evaluations(solver, sol.stats["num_steps"]), nll.shape)
+    return ODENLLResult(
+        nll=nll,
+        z=z,
+        delta_logp=delta,
+        prior_logp=prior_logp,
+        nfe=nfe,
+        result=sol.result,
+        stats=sol.stats,
     )
 
 
@@ -190,7 +193,7 @@ def ode_nll(
         ```
     """
     _check_options(divergence, probe, num_probes, jacobian_mode, key)
-    per_step, initial = evaluations_per_step(solver)
+    evaluations_per_step(solver)  # refuse solvers whose NFE we cannot count, early
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
@@ -203,32 +206,19 @@ def ode_nll(
         probes = None
     vector_field = _augmented_vector_field(flow, divergence, jacobian_mode, chunk_size)
     y0 = (x, jnp.zeros((), x.dtype))
-    sol = _solve(
+    return _solve(
         flow,
         y0,
         probes,
         vector_field,
         solver,
-        rtol,
-        atol,
-        dt0,
-        max_steps,
-        throw,
-        progress_meter,
-    )
-    (z,), (delta,) = sol.ys
-    prior_logp = flow.sde.prior_logp(z)
-    ok = dfx.is_successful(sol.result)
-    nll = jnp.where(ok, -(prior_logp + delta), jnp.nan)
-    nfe = per_step * sol.stats["num_steps"] + initial
-    return ODENLLResult(
-        nll=nll,
-        z=z,
-        delta_logp=delta,
-        prior_logp=prior_logp,
-        nfe=nfe,
-        result=sol.result,
-        stats=sol.stats,
+        batched=False,
+        rtol=rtol,
+        atol=atol,
+        dt0=dt0,
+        max_steps=max_steps,
+        throw=throw,
+        progress_meter=progress_meter,
     )
 
 
@@ -263,7 +253,7 @@ def ode_nll_batched(
     vmapped solves run until the slowest example is done, at a higher cost per step.
     """
     _check_options(divergence, probe, num_probes, jacobian_mode, key)
-    per_step, initial = evaluations_per_step(solver)
+    evaluations_per_step(solver)  # refuse solvers whose NFE we cannot count, early
     xs = jnp.asarray(xs)
     batch = xs.shape[0]
     if divergence == "hutchinson":
@@ -278,30 +268,17 @@ def ode_nll_batched(
         return jax.vmap(single, in_axes=(None, 0, 0 if probes is not None else None))(t, y, probes)
 
     y0 = (xs, jnp.zeros((batch,), xs.dtype))
-    sol = _solve(
+    return _solve(
         flow,
         y0,
         probes,
         vector_field,
         solver,
-        rtol,
-        atol,
-        dt0,
-        max_steps,
-        throw,
-        progress_meter,
-    )
-    (z,), (delta,) = sol.ys
-    prior_logp = jax.vmap(flow.sde.prior_logp)(z)
-    ok = dfx.is_successful(sol.result)
-    nll = jnp.where(ok, -(prior_logp + delta), jnp.nan)
-    nfe = jnp.broadcast_to(per_step * sol.stats["num_steps"] + initial, (batch,))
-    return ODENLLResult(
-        nll=nll,
-        z=z,
-        delta_logp=delta,
-        prior_logp=prior_logp,
-        nfe=nfe,
-        result=sol.result,
-        stats=sol.stats,
+        batched=True,
+        rtol=rtol,
+        atol=atol,
+        dt0=dt0,
+        max_steps=max_steps,
+        throw=throw,
+        progress_meter=progress_meter,
     )

@@ -201,7 +201,6 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
 
 def save_samples(sf, flow, dataset, args, key) -> str | None:
     import jax
-    import jax.numpy as jnp
     import jax.random as jr
 
     if len(dataset.data_shape) != 3:
@@ -210,13 +209,15 @@ def save_samples(sf, flow, dataset, args, key) -> str | None:
 
     keys = jr.split(key, args.num_samples)
     draw = jax.jit(jax.vmap(lambda k: sf.sample(flow, dataset.data_shape, key=k, method="ode")))
-    samples = draw(keys)
-    samples = getattr(samples, "x", samples)  # a solution record or the array itself
-    low, high = dataset.discretization.data_range
-    images = jnp.clip((samples - low) / (high - low), 0.0, 1.0)  # to [0, 1]
+    samples = draw(keys).x
     path = os.path.join(args.workdir, "samples.png")
-    nrow = int(math.ceil(math.sqrt(args.num_samples)))
-    save_image_grid(images, path, nrow=nrow)
+    save_image_grid(
+        samples,
+        path,
+        nrow=int(math.ceil(math.sqrt(args.num_samples))),
+        data_range=dataset.discretization.data_range,  # clipped and mapped to [0, 1]
+        scale=max(1, 64 // max(dataset.data_shape[1:])),  # small images are upscaled
+    )
     print(f"samples: {path}")
     return path
 

@@ -24,7 +24,11 @@ from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray
 
 from ._custom_types import Data, RealScalarLike
 from ._flow import ScoreFlow
-from ._solver import num_function_evaluations
+from ._solver import (
+    INITIAL_STEP_EVALUATIONS,
+    initial_step_size,
+    num_function_evaluations,
+)
 
 
 METHODS: tuple[str, ...] = ("ode", "sde", "pc")
@@ -43,7 +47,8 @@ class SampleResult(eqx.Module):
     - `x`: the end state: a sample (for `sample`, `decode`, `inpaint`) or a latent at
         time `T` (for `encode`).
     - `nfe`: the number of evaluations of the score network spent on this example. For
-        Dopri5 that is `6 * num_steps + 1` (rejected steps included); under `jax.vmap`
+        Dopri5 that is `6 * num_steps + 1` (rejected steps included), plus 2 when the
+        first step is chosen automatically (`dt0=None`); under `jax.vmap`
         the batched network runs `max(nfe)` times.
     - `num_steps`: the number of solver steps (accepted and rejected) or time steps.
     - `result`: a `diffrax.RESULTS`; `diffrax.is_successful(result)` tells whether the
@@ -133,16 +138,21 @@ def _solve_flow(
     max_steps: int,
     throw: bool,
     progress_meter: dfx.AbstractProgressMeter,
-) -> tuple[Data, Array, dfx.RESULTS]:
+) -> tuple[Data, Array, Array, dfx.RESULTS]:
     term = flow.sde.probability_flow_term(flow.score)
+    extra_evaluations = 0
     if isinstance(solver, dfx.AbstractAdaptiveSolver):
         controller = dfx.PIDController(rtol=rtol, atol=atol)
+        if dt0 is None:
+            dt0 = initial_step_size(term.vf, solver, controller, t0, t1, y0)
+            extra_evaluations = INITIAL_STEP_EVALUATIONS
+        else:
+            dt0 = math.copysign(abs(dt0), t1 - t0)
     else:
         if dt0 is None:
             name = type(solver).__name__
             raise ValueError(f"A fixed-step solver ({name}) needs `dt0`.")
         controller = dfx.ConstantStepSize()
-    if dt0 is not None:
         dt0 = math.copysign(abs(dt0), t1 - t0)
     sol = dfx.diffeqsolve(
         term,
@@ -157,7 +167,9 @@ def _solve_flow(
         progress_meter=progress_meter,
     )
     assert sol.ys is not None
-    return sol.ys[0], sol.stats["num_steps"], sol.result
+    num_steps = sol.stats["num_steps"]
+    nfe = num_function_evaluations(solver, num_steps) + extra_evaluations
+    return sol.ys[0], nfe, num_steps, sol.result
 
 
 def _default_ode_solver(solver: dfx.AbstractSolver | None) -> dfx.AbstractSolver:
@@ -194,17 +206,18 @@ def decode(
         ones).
     - `rtol`, `atol`: the tolerances of the step-size controller.
     - `dt0`: the initial (or, for fixed-step solvers, the constant) step size; `None`
-        lets diffrax choose the first step.
+        chooses the first step by diffrax's rule (two more evaluations, counted in
+        `nfe`).
     - `max_steps`, `throw`: as for `diffrax.diffeqsolve`. Under `jax.vmap` pass
         `throw=False` and inspect `result.result`.
     - `denoise`: apply Tweedie's formula at `eps` ([`scoreflow_eqx.tweedie_denoise`][]).
     - `progress_meter`: e.g. `diffrax.TqdmProgressMeter()` for long solves.
 
     **Returns:** a [`scoreflow_eqx.SampleResult`][] with the sample `x`, `nfe`
-    (`6 * num_steps + 1` for Dopri5), `num_steps` and `result`.
+    (`6 * num_steps + 1` for Dopri5, plus 2 when `dt0=None`), `num_steps` and `result`.
     """
     solver = _default_ode_solver(solver)
-    x, num_steps, result = _solve_flow(
+    x, nfe, num_steps, result = _solve_flow(
         flow,
         z,
         flow.sde.T,
@@ -217,7 +230,6 @@ def decode(
         throw=throw,
         progress_meter=progress_meter,
     )
-    nfe = num_function_evaluations(solver, num_steps)
     if denoise:
         x = tweedie_denoise(flow, flow.eps, x)
         nfe = nfe + 1
@@ -247,7 +259,7 @@ def encode(
     **Returns:** a [`scoreflow_eqx.SampleResult`][] whose `x` is the latent `z`.
     """
     solver = _default_ode_solver(solver)
-    z, num_steps, result = _solve_flow(
+    z, nfe, num_steps, result = _solve_flow(
         flow,
         x,
         flow.eps,
@@ -260,9 +272,7 @@ def encode(
         throw=throw,
         progress_meter=progress_meter,
     )
-    return SampleResult(
-        x=z, nfe=num_function_evaluations(solver, num_steps), num_steps=num_steps, result=result
-    )
+    return SampleResult(x=z, nfe=nfe, num_steps=num_steps, result=result)
 
 
 # ---- fixed-step samplers: predictor / corrector steps --------------------------------
@@ -413,7 +423,8 @@ def sample(
     Starts from the prior at time `T` and runs to the smallest time `flow.eps`:
 
     - `method="ode"`: the probability-flow ODE with an adaptive diffrax solver (default
-        `Dopri5` + `PIDController(rtol, atol)`); the NFE is `6 * num_steps + 1`. Same as
+        `Dopri5` + `PIDController(rtol, atol)`); the NFE is `6 * num_steps + 3` (two
+        evaluations choose the first step; `6 * num_steps + 1` with `dt0`). Same as
         [`scoreflow_eqx.decode`][] of a prior sample.
     - `method="sde"`: the reverse-time SDE `dx = [f - g^2 s] dt + g dw_bar` (Anderson
         1982) from `flow.sde.reverse_terms` (diffrax `MultiTerm` of an `ODETerm` and a

@@ -1,5 +1,8 @@
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -144,3 +147,35 @@ def test_interrupt_and_resume_equals_uninterrupted(data, tmp_path):
     assert tree_allclose(
         _params(rerun.ema_flow), _params(full.ema_flow), rtol=1e-12, atol=0
     )
+
+
+def _worker(*args):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [sys.executable, str(root / "tests" / "train_worker.py"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_killed_process_resumes_exactly(tmp_path):
+    """A training process killed with SIGKILL (no cleanup) after its step-4 checkpoint
+    resumes from it in a new process and ends where an uninterrupted run ends."""
+    killed = _worker("kill", tmp_path / "b")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    steps = [p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == ["4"]
+    for workdir, out in (("b", "resumed.npz"), ("a", "full.npz")):
+        done = _worker("run", tmp_path / workdir, tmp_path / out)
+        assert done.returncode == 0, done.stderr
+    resumed, full = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "full.npz")
+    assert int(resumed["step"]) == int(full["step"]) == 10
+    assert len(resumed["losses"]) == 6  # steps 5..10 ran again, in the new process
+    np.testing.assert_array_equal(resumed["losses"], full["losses"][4:])
+    assert set(resumed.files) == set(full.files)
+    for name in full.files:  # parameters, EMA, optimizer state and the next batches
+        if name != "losses":
+            np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)

@@ -1,0 +1,80 @@
+"""A training run in its own process, for `tests/test_checkpoint.py`.
+
+    python tests/train_worker.py kill WORKDIR            # train; SIGKILL itself at step 7
+    python tests/train_worker.py run WORKDIR OUT.npz     # train (resuming); save the result
+
+Both modes run the same 10-step job (checkpoints every 4 steps) on a 2-D Gaussian
+mixture. `run` saves the final parameters, EMA, optimizer state, the losses of the steps
+it ran and the next three batches of its data iterator.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import equinox as eqx  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+
+import scoreflow_eqx as sf  # noqa: E402
+
+
+KILL_AT = 7
+STEPS = 10
+
+
+def main(mode: str, workdir: str, out: str | None = None) -> None:
+    mix = sf.GaussianMixture(
+        weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
+    )
+    draw = jax.jit(jax.vmap(lambda k: mix.sample(key=k)))
+    data = sf.data.from_arrays(
+        np.asarray(draw(jr.split(jr.key(1), 1024))), None, num_levels=None, name="mix"
+    )
+    cfg = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
+
+    def kill(step, state):
+        if mode == "kill" and step == KILL_AT:
+            time.sleep(1.0)  # let the asynchronous save of step 4 finish first
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush, no atexit
+
+    res = sf.train(
+        sf.make_flow(cfg, key=jr.key(0)),
+        data,
+        key=jr.key(7),
+        steps=STEPS,
+        batch_size=32,
+        warmup_steps=2,
+        lr=5e-3,
+        ema_decay=0.9,
+        log_every=1,
+        checkpoint_every=4,
+        workdir=workdir,
+        flow_config=cfg,
+        show_progress=False,
+        callback=kill,
+    )
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+    arrays = {
+        "losses": res.losses,
+        "step": np.asarray(res.step),
+        "next_batches": np.stack([next(res.data_iterator) for _ in range(3)]),
+    }
+    for name, tree in (
+        ("params", eqx.filter(res.flow, eqx.is_inexact_array)),
+        ("ema", eqx.filter(res.ema_flow, eqx.is_inexact_array)),
+        ("opt_state", res.state.opt_state),
+    ):
+        for i, x in enumerate(leaves(tree)):
+            arrays[f"{name}_{i}"] = x
+    np.savez(out, **arrays)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

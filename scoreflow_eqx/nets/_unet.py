@@ -448,9 +448,9 @@ def unet_preset(name: str, *, key: PRNGKeyArray, **overrides: Any) -> UNet:
 
     **Arguments:**
 
-    - `name`: `"digits"` (8x8x1 scikit-learn digits; base 16, mults (1, 2, 4), 2 blocks,
-        attention at 4x4, 0.93M parameters) or `"mnist"` (28x28x1; base 32, mults
-        (1, 2, 2), 2 blocks, attention at 7x7).
+    - `name`: `"digits"` (8x8x1 scikit-learn digits; base 32, mults (1, 2), 2 blocks,
+        no attention, 0.90M parameters) or `"mnist"` (28x28x1; base 32, mults (1, 2, 2),
+        2 blocks, attention at 7x7).
     - `key`: PRNG key (keyword-only).
     - `**overrides`: any `UNet` keyword to change, e.g. `embedding="fourier"`.
 

@@ -205,7 +205,10 @@ def make_train_step(
             state = eqx.combine(dynamic, static)
         return eqx.filter_shard(state, repl), metrics
 
-    return StateStepJit(step)
+    # XLA:CPU collectives deadlock with many steps queued on several CPU devices (see
+    # StateStepJit); accelerators keep the fully asynchronous dispatch.
+    several_cpus = mesh.devices.size > 1 and all(d.platform == "cpu" for d in mesh.devices.flat)
+    return StateStepJit(step, max_in_flight=2 if several_cpus else None)
 
 
 # ----------------------------------------------------------------------- checkpoints

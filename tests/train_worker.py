@@ -2,6 +2,7 @@
 
     python tests/train_worker.py kill WORKDIR            # train; SIGKILL itself at step 7
     python tests/train_worker.py run WORKDIR OUT.npz     # train (resuming); save the result
+    python tests/train_worker.py many-steps              # 300 quick steps on 4 CPU devices
 
 Both modes run the same 10-step job (checkpoints every 4 steps) on a 2-D Gaussian
 mixture. `run` saves the final parameters, EMA, optimizer state, the losses of the steps
@@ -17,6 +18,8 @@ import jax
 
 
 jax.config.update("jax_enable_x64", True)
+if sys.argv[1:2] == ["many-steps"]:
+    jax.config.update("jax_num_cpu_devices", 4)
 
 import equinox as eqx  # noqa: E402
 import jax.random as jr  # noqa: E402
@@ -29,7 +32,26 @@ KILL_AT = 7
 STEPS = 10
 
 
-def main(mode: str, workdir: str, out: str | None = None) -> None:
+def many_steps() -> None:
+    """300 steps dispatched back to back, data parallel over 4 CPU devices."""
+    from scoreflow_eqx._sharding import batch_sharding, replicate
+    from scoreflow_eqx._train import _skip_nonfinite, init_state
+
+    cfg = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
+    mesh = sf.data_parallel_mesh()
+    assert mesh.devices.size == 4
+    optimizer = _skip_nonfinite(sf.default_optimizer(lr=1e-4, warmup_steps=10))
+    step = sf.make_train_step(optimizer, mesh=mesh)
+    state = replicate(init_state(sf.make_flow(cfg, key=jr.key(0)), optimizer, key=jr.key(1)), mesh)
+    batch = jax.device_put(np.ones((32, 2)), batch_sharding(mesh))
+    for _ in range(300):
+        state, metrics = step(batch, state)
+    print("done", int(jax.block_until_ready(state.step)))
+
+
+def main(mode: str, workdir: str | None = None, out: str | None = None) -> None:
+    if mode == "many-steps":
+        return many_steps()
     mix = sf.GaussianMixture(
         weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
     )

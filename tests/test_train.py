@@ -267,3 +267,27 @@ def test_periodic_evaluation(flow, mixture_data, tmp_path):
     np.testing.assert_allclose(direct.bpd, res.evaluations[1]["test_bpd_bound"], rtol=1e-6)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert sum('"eval"' in line for line in lines) == 2
+
+
+def test_state_step_jit_static_leaves_cache_and_donation():
+    from scoreflow_eqx._dispatch import StateStepJit
+
+    traces = []
+
+    def fn(batch, state):
+        traces.append(1)
+        x, scale, f = state
+        return (f(x) * scale + batch, scale, f), jnp.sum(x)
+
+    step = StateStepJit(fn, max_in_flight=1)
+    x = jnp.arange(3.0)
+    (y, scale, f), total = step(jnp.ones(3), (x, 2.0, jnp.cos))  # float, function: static
+    np.testing.assert_allclose(y, 2 * np.cos(np.arange(3.0)) + 1)
+    assert scale == 2.0 and f is jnp.cos and float(total) == 3.0
+    assert x.is_deleted()  # the state's arrays are donated
+    (y, _, _), _ = step(jnp.ones(3), (y, 2.0, jnp.cos))
+    assert len(traces) == 1  # same structure and static leaves: compiled once
+    step(jnp.ones(3), (y, 3.0, jnp.cos))
+    assert len(traces) == 2  # a new static value compiles anew
+    with pytest.raises(ValueError, match="structure"):
+        StateStepJit(lambda b, s: ((s, s), None))(None, jnp.ones(2))

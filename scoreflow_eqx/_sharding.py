@@ -4,6 +4,8 @@ replicated (the `eqx.filter_shard` idiom, which needs `AxisType.Auto` axes)."""
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -39,13 +41,23 @@ def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
 
 def replicate(tree, mesh: Mesh):
     """Copies of every array leaf of `tree` on all devices of `mesh` (never aliasing the
-    inputs, so the copies can be donated without deleting the caller's arrays)."""
+    inputs, so the copies can be donated without deleting the caller's arrays).
+
+    On several processes (`jax.distributed`) every process must pass the same values;
+    each places them on its own devices of the mesh."""
     sharding = replicated_sharding(mesh)
 
     def put(x):
-        if isinstance(x, jax.Array | np.ndarray):
+        if not isinstance(x, jax.Array | np.ndarray):
+            return x
+        if jax.process_count() == 1:
             # `device_put` may alias the input on one device; `.copy()` never does.
             return jax.device_put(x, sharding).copy()
-        return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(put(jr.key_data(x)), impl=jr.key_impl(x))
+        # `device_put` refuses devices of other processes: build the global array from
+        # this process's copy.
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)

@@ -54,9 +54,7 @@ def test_checkpointer_roundtrip_keep_n_and_fallback(tmp_path):
             jax.tree.leaves(state["params"]), jax.tree.leaves(_state(3.0)["params"])
         )
         assert int(state["meta"]["step"]) == 3
-        assert jnp.array_equal(
-            jr.key_data(state["meta"]["key"]), jr.key_data(jr.key(3))
-        )
+        assert jnp.array_equal(jr.key_data(state["meta"]["key"]), jr.key_data(jr.key(3)))
         np.testing.assert_array_equal(next(fresh), expected_next)
     _corrupt(tmp_path / "3")
     with sf.Checkpointer(tmp_path) as ckpt:
@@ -81,9 +79,7 @@ def data():
     draw = lambda key, n: np.asarray(
         jax.jit(jax.vmap(lambda k: mix.sample(key=k)))(jr.split(key, n))
     )
-    return sf.data.from_arrays(
-        draw(jr.key(1), 2048), draw(jr.key(2), 256), num_levels=None
-    )
+    return sf.data.from_arrays(draw(jr.key(1), 2048), draw(jr.key(2), 256), num_levels=None)
 
 
 class _Interrupt(Exception):
@@ -111,16 +107,12 @@ def test_interrupt_and_resume_equals_uninterrupted(data, tmp_path):
     assert len(resumed.losses) == 4  # only steps 5..8 ran again
     np.testing.assert_allclose(resumed.losses, full.losses[4:], rtol=1e-12)
     assert tree_allclose(_params(resumed.flow), _params(full.flow), rtol=1e-12, atol=0)
-    assert tree_allclose(
-        _params(resumed.ema_flow), _params(full.ema_flow), rtol=1e-12, atol=0
-    )
+    assert tree_allclose(_params(resumed.ema_flow), _params(full.ema_flow), rtol=1e-12, atol=0)
     assert tree_allclose(
         jax.tree.leaves(resumed.state.opt_state), jax.tree.leaves(full.state.opt_state)
     )
     for _ in range(3):  # the data streams continue identically
-        np.testing.assert_array_equal(
-            next(resumed.data_iterator), next(full.data_iterator)
-        )
+        np.testing.assert_array_equal(next(resumed.data_iterator), next(full.data_iterator))
     # Nothing left to do: a third call returns at once from the final checkpoint.
     again = sf.train(flow, data, workdir=tmp_path / "b", **run)
     assert again.step == 8 and len(again.losses) == 0
@@ -144,9 +136,7 @@ def test_interrupt_and_resume_equals_uninterrupted(data, tmp_path):
         rerun = sf.train(flow, data, workdir=tmp_path / "a", **run)
     assert rerun.step == 8
     assert "corrupted-step-8" in os.listdir(tmp_path / "a" / "checkpoints")
-    assert tree_allclose(
-        _params(rerun.ema_flow), _params(full.ema_flow), rtol=1e-12, atol=0
-    )
+    assert tree_allclose(_params(rerun.ema_flow), _params(full.ema_flow), rtol=1e-12, atol=0)
 
 
 def _worker(*args):
@@ -188,3 +178,77 @@ def test_many_queued_sharded_steps_do_not_deadlock():
     done = _worker("many-steps")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["done", "300"]
+
+
+def test_two_process_training_equals_one_process_on_the_global_batches(tmp_path):
+    """`jax.distributed` with two processes on this machine (one CPU device each, gloo
+    all-reduces), each reading its own slice of the data, gives the parameters of one
+    process training on the global batches that the two slices make up."""
+    import socket
+
+    from train_worker import DISTRIBUTED_CFG, distributed_data, DISTRIBUTED_RUN
+
+    from scoreflow_eqx._sharding import batch_sharding, replicate
+    from scoreflow_eqx._train import _skip_nonfinite, init_state
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(root / "tests" / "train_worker.py"),
+                "distributed",
+                str(i),
+                str(port),
+                str(tmp_path / f"p{i}.npz"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    outs = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+
+    # The same run in this process, on the global batches [slice of process 0; of 1].
+    data = distributed_data()
+    train_key, data_key, _ = jr.split(jr.key(DISTRIBUTED_RUN["key"]), 3)
+    seed = int(jr.randint(data_key, (), 0, 2**31 - 1))
+    local = DISTRIBUTED_RUN["batch_size"] // 2
+    iterators = [
+        iter(
+            sf.data.make_pipeline(
+                data,
+                batch_size=local,
+                seed=seed,
+                process_index=i,
+                process_count=2,
+                dtype=np.float64,
+            )
+        )
+        for i in range(2)
+    ]
+    mesh = sf.data_parallel_mesh(jax.devices()[:2])
+    optimizer = _skip_nonfinite(sf.default_optimizer(lr=5e-3, warmup_steps=2))
+    step = sf.make_train_step(optimizer, mesh=mesh)
+    state = replicate(
+        init_state(sf.make_flow(DISTRIBUTED_CFG, key=jr.key(0)), optimizer, key=train_key), mesh
+    )
+    losses = []
+    for _ in range(DISTRIBUTED_RUN["steps"]):
+        batch = np.concatenate([next(it) for it in iterators])
+        state, metrics = step(jax.device_put(batch, batch_sharding(mesh)), state)
+        losses.append(float(metrics["loss"]))
+    expected = jax.tree.leaves(eqx.filter(state.flow, eqx.is_inexact_array))
+    for out in outs:
+        np.testing.assert_allclose(out["losses"], losses, rtol=1e-10)
+        for i, leaf in enumerate(expected):
+            np.testing.assert_allclose(out[f"params_{i}"], leaf, rtol=1e-9, atol=1e-12)

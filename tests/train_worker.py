@@ -3,6 +3,7 @@
     python tests/train_worker.py kill WORKDIR            # train; SIGKILL itself at step 7
     python tests/train_worker.py run WORKDIR OUT.npz     # train (resuming); save the result
     python tests/train_worker.py many-steps              # 300 quick steps on 4 CPU devices
+    python tests/train_worker.py distributed ID PORT OUT.npz   # process ID of 2 (jax.distributed)
 
 Both modes run the same 10-step job (checkpoints every 4 steps) on a 2-D Gaussian
 mixture. `run` saves the final parameters, EMA, optimizer state, the losses of the steps
@@ -20,6 +21,15 @@ import jax
 jax.config.update("jax_enable_x64", True)
 if sys.argv[1:2] == ["many-steps"]:
     jax.config.update("jax_num_cpu_devices", 4)
+if sys.argv[1:2] == ["distributed"]:
+    # Two processes on this machine, one CPU device each, all-reduces through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{sys.argv[3]}",
+        num_processes=2,
+        process_id=int(sys.argv[2]),
+        initialization_timeout=120,
+    )
 
 import equinox as eqx  # noqa: E402
 import jax.random as jr  # noqa: E402
@@ -49,9 +59,47 @@ def many_steps() -> None:
     print("done", int(jax.block_until_ready(state.step)))
 
 
-def main(mode: str, workdir: str | None = None, out: str | None = None) -> None:
-    if mode == "many-steps":
-        return many_steps()
+DISTRIBUTED_RUN = dict(key=7, steps=6, batch_size=32)
+
+
+def distributed_data():
+    mix = sf.GaussianMixture(
+        weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
+    )
+    draw = jax.jit(jax.vmap(lambda k: mix.sample(key=k)))
+    train = np.asarray(draw(jr.split(jr.key(1), 512)))
+    return sf.data.from_arrays(train, train[:64], num_levels=None, name="mix")
+
+
+DISTRIBUTED_CFG = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
+
+
+def distributed(process_id: str, port: str, out: str) -> None:
+    """One of two processes of a data-parallel run: each reads its own slice of the data."""
+    assert jax.process_count() == 2 and len(jax.devices()) == 2
+    res = sf.train(
+        sf.make_flow(DISTRIBUTED_CFG, key=jr.key(0)),
+        distributed_data(),
+        key=jr.key(DISTRIBUTED_RUN["key"]),
+        steps=DISTRIBUTED_RUN["steps"],
+        batch_size=DISTRIBUTED_RUN["batch_size"],
+        warmup_steps=2,
+        lr=5e-3,
+        log_every=1,
+        show_progress=False,
+    )
+    # Parameters are replicated: this process's copy of each.
+    leaves = jax.tree.leaves(eqx.filter(res.flow, eqx.is_inexact_array))
+    np.savez(
+        out,
+        losses=res.losses,
+        **{f"params_{i}": np.asarray(x.addressable_data(0)) for i, x in enumerate(leaves)},
+    )
+    jax.distributed.shutdown()
+
+
+def resume_job(mode: str, workdir: str, out: str | None = None) -> None:
+    """The 10-step job of the `kill` and `run` modes."""
     mix = sf.GaussianMixture(
         weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
     )
@@ -99,4 +147,10 @@ def main(mode: str, workdir: str | None = None, out: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    mode, *arguments = sys.argv[1:]
+    if mode == "many-steps":
+        many_steps()
+    elif mode == "distributed":
+        distributed(*arguments)
+    else:
+        resume_job(mode, *arguments)

@@ -187,8 +187,8 @@ def ode_nll(
     - `chunk_size`: for `"exact"`, how many basis vectors are vmapped at once.
     - `solver`: an explicit diffrax solver; `Dopri5` by default (the RK45 of the paper).
     - `rtol`, `atol`: tolerances of the `diffrax.PIDController` (1e-5, as in the paper).
-    - `dt0`: the initial step; `None` selects it by diffrax's rule (Hairer, Norsett and
-        Wanner), at the cost of two more evaluations (counted in `nfe`).
+    - `dt0`: the initial step; `None` selects it by the rule of Hairer, Norsett and
+        Wanner (as scipy's RK45), at the cost of two more evaluations (counted in `nfe`).
     - `max_steps`: the step budget of the solve.
     - `throw`: raise if the solve fails; otherwise a failure is reported in `result` and
         `nll` is NaN.

@@ -206,8 +206,8 @@ def decode(
         ones).
     - `rtol`, `atol`: the tolerances of the step-size controller.
     - `dt0`: the initial (or, for fixed-step solvers, the constant) step size; `None`
-        chooses the first step by diffrax's rule (two more evaluations, counted in
-        `nfe`).
+        chooses the first step by the rule of Hairer, Norsett and Wanner (two more
+        evaluations, counted in `nfe`).
     - `max_steps`, `throw`: as for `diffrax.diffeqsolve`. Under `jax.vmap` pass
         `throw=False` and inspect `result.result`.
     - `denoise`: apply Tweedie's formula at `eps` ([`scoreflow_eqx.tweedie_denoise`][]).

@@ -78,6 +78,11 @@ def initial_step_size(
     error_order = controller.error_order
     if error_order is None:
         error_order = solver.error_order(dfx.ODETerm(vector_field))
+    if error_order is None:
+        raise ValueError(
+            f"{type(solver).__name__} has no error estimate to choose a first step from: "
+            "use an adaptive solver (e.g. `diffrax.Dopri5()`), or pass `dt0`."
+        )
     scale = jax.tree.map(lambda y: controller.atol + jnp.abs(y) * controller.rtol, y0)
 
     def scaled_norm(tree):

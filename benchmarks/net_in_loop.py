@@ -45,9 +45,7 @@ def host_params(abstract, seed=0):
             return leaf
         u = rng.uniform(-1.0, 1.0, leaf.shape)
         if leaf.ndim == 1:
-            value = (
-                1.0 if jax.tree_util.keystr(path[-1:]) == ".weight" else 0.0
-            ) + u / 10
+            value = (1.0 if jax.tree_util.keystr(path[-1:]) == ".weight" else 0.0) + u / 10
         else:
             fan_in = leaf.shape[1] if leaf.ndim == 2 else math.prod(leaf.shape[:-1])
             value = u / math.sqrt(fan_in)
@@ -166,12 +164,8 @@ def main():
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10, help="loop iterations")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny net and batch; smoke test only"
-    )
-    parser.add_argument(
-        "--no-write", action="store_true", help=f"do not update {README.name}"
-    )
+    parser.add_argument("--quick", action="store_true", help="tiny net and batch; smoke test only")
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {README.name}")
     args = parser.parse_args()
 
     config = dict(UNET_PRESETS[args.preset])
@@ -209,14 +203,11 @@ def main():
         f"{args.iters}-step loop. {platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__}, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
-        "| layout | plain jit (ms) | in `fori_loop` (ms) | in `scan` (ms) "
-        "| loop / plain |",
+        "| layout | plain jit (ms) | in `fori_loop` (ms) | in `scan` (ms) | loop / plain |",
         "|---|---|---|---|---|",
     ]
     for name, (plain, fori, scan) in rows.items():
-        lines.append(
-            f"| {name} | {plain:.1f} | {fori:.1f} | {scan:.1f} | {fori / plain:.1f}x |"
-        )
+        lines.append(f"| {name} | {plain:.1f} | {fori:.1f} | {scan:.1f} | {fori / plain:.1f}x |")
     ours = rows[variants[0][0]][1]
     lines += [
         "",

@@ -20,9 +20,7 @@ def test_digits_fixed_split_and_levels():
     assert overlap < 5  # digits has a handful of exact duplicate images
 
 
-@pytest.mark.parametrize(
-    "name", ["checkerboard", "eight_gaussians", "swiss_roll", "two_moons"]
-)
+@pytest.mark.parametrize("name", ["checkerboard", "eight_gaussians", "swiss_roll", "two_moons"])
 def test_toys_deterministic_continuous(name):
     a = sf.data.load_dataset(name, seed=3)
     b = sf.data.load_dataset(name, seed=3)
@@ -120,13 +118,9 @@ def test_pipeline_deterministic_and_epochs(digits):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], c[0])
     # Each epoch (15 batches of 100 = 1500) is a permutation; epochs are reshuffled.
-    q = lambda batches: np.asarray(
-        digits.discretization.quantize(np.concatenate(batches))
-    )
+    q = lambda batches: np.asarray(digits.discretization.quantize(np.concatenate(batches)))
     epoch1, epoch2 = q(a[:15]), q(a[15:])
-    key = lambda arr: sorted(
-        r.tobytes() for r in arr.astype(np.int32).reshape(len(arr), -1)
-    )
+    key = lambda arr: sorted(r.tobytes() for r in arr.astype(np.int32).reshape(len(arr), -1))
     assert key(epoch1) == key(digits.train) == key(epoch2)
     assert not np.array_equal(epoch1, epoch2)
 

@@ -41,9 +41,7 @@ def _make(*, seed=0, **kwargs):
     """A UNet with numpy-random parameters. The real initialiser is traced (so its
     shapes are checked) but not run: XLA needs ~1 min of CPU to compile a U-Net's random
     initialisation, jitted or op by op, while its forward pass compiles in seconds."""
-    abstract = eqx.filter_eval_shape(
-        lambda k: sf.nets.UNet(**kwargs, key=k), jr.key(seed)
-    )
+    abstract = eqx.filter_eval_shape(lambda k: sf.nets.UNet(**kwargs, key=k), jr.key(seed))
     return _host_params(abstract, seed)
 
 
@@ -108,9 +106,7 @@ def test_conv_nhwc_matches_equinox_nchw(hw, kernel, stride, max_pixels, monkeypa
         )
     )
     ref = eqx.filter_eval_shape(
-        lambda k: eqx.nn.Conv2d(
-            cin, cout, kernel, stride=stride, padding=kernel // 2, key=k
-        ),
+        lambda k: eqx.nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, key=k),
         jr.key(0),
     )
     ref = eqx.tree_at(
@@ -243,9 +239,7 @@ def test_unet_bad_shapes(unet8):
 )
 def test_unet_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        eqx.filter_eval_shape(
-            lambda k: sf.nets.UNet(**{**TINY_8, **kwargs}, key=k), jr.key(0)
-        )
+        eqx.filter_eval_shape(lambda k: sf.nets.UNet(**{**TINY_8, **kwargs}, key=k), jr.key(0))
 
 
 def _to_channels_first(net_cl, net_cf):

@@ -139,16 +139,18 @@ def test_interrupt_and_resume_equals_uninterrupted(data, tmp_path):
     assert tree_allclose(_params(rerun.ema_flow), _params(full.ema_flow), rtol=1e-12, atol=0)
 
 
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _worker_command(*args):
+    """Command and environment that run `tests/train_worker.py` with `args`."""
+    command = [sys.executable, str(_ROOT / "tests" / "train_worker.py"), *map(str, args)]
+    return command, {**os.environ, "PYTHONPATH": str(_ROOT)}
+
+
 def _worker(*args):
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run(
-        [sys.executable, str(root / "tests" / "train_worker.py"), *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command, env = _worker_command(*args)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_killed_process_resumes_exactly(tmp_path):
@@ -186,7 +188,7 @@ def test_two_process_training_equals_one_process_on_the_global_batches(tmp_path)
     process training on the global batches that the two slices make up."""
     import socket
 
-    from train_worker import DISTRIBUTED_CFG, distributed_data, DISTRIBUTED_RUN
+    from train_worker import CFG, distributed_data, DISTRIBUTED_RUN
 
     from scoreflow_eqx._sharding import batch_sharding, replicate
     from scoreflow_eqx._train import _skip_nonfinite, init_state
@@ -194,24 +196,12 @@ def test_two_process_training_equals_one_process_on_the_global_batches(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    commands = [_worker_command("distributed", i, port, tmp_path / f"p{i}.npz") for i in range(2)]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(root / "tests" / "train_worker.py"),
-                "distributed",
-                str(i),
-                str(port),
-                str(tmp_path / f"p{i}.npz"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for i in range(2)
+        for command, env in commands
     ]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -239,9 +229,7 @@ def test_two_process_training_equals_one_process_on_the_global_batches(tmp_path)
     mesh = sf.data_parallel_mesh(jax.devices()[:2])
     optimizer = _skip_nonfinite(sf.default_optimizer(lr=5e-3, warmup_steps=2))
     step = sf.make_train_step(optimizer, mesh=mesh)
-    state = replicate(
-        init_state(sf.make_flow(DISTRIBUTED_CFG, key=jr.key(0)), optimizer, key=train_key), mesh
-    )
+    state = replicate(init_state(sf.make_flow(CFG, key=jr.key(0)), optimizer, key=train_key), mesh)
     losses = []
     for _ in range(DISTRIBUTED_RUN["steps"]):
         batch = np.concatenate([next(it) for it in iterators])

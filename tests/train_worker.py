@@ -5,9 +5,10 @@
     python tests/train_worker.py many-steps              # 300 quick steps on 4 CPU devices
     python tests/train_worker.py distributed ID PORT OUT.npz   # process ID of 2 (jax.distributed)
 
-Both modes run the same 10-step job (checkpoints every 4 steps) on a 2-D Gaussian
-mixture. `run` saves the final parameters, EMA, optimizer state, the losses of the steps
-it ran and the next three batches of its data iterator.
+`kill` and `run` run the same 10-step job (checkpoints every 4 steps) on a 2-D Gaussian
+mixture; `run` saves the final parameters, EMA, optimizer state, the losses of the steps
+it ran and the next three batches of its data iterator. `distributed` is one of the two
+processes of a 6-step data-parallel job; it saves its parameters and losses.
 """
 
 import os
@@ -40,6 +41,18 @@ import scoreflow_eqx as sf  # noqa: E402
 
 KILL_AT = 7
 STEPS = 10
+CFG = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
+
+
+def mixture_data(num_examples: int, num_test: int | None = None) -> sf.data.Dataset:
+    """Samples of a fixed 2-D Gaussian mixture (the test split: its first `num_test`)."""
+    mix = sf.GaussianMixture(
+        weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
+    )
+    draw = jax.jit(jax.vmap(lambda k: mix.sample(key=k)))
+    train = np.asarray(draw(jr.split(jr.key(1), num_examples)))
+    test = None if num_test is None else train[:num_test]
+    return sf.data.from_arrays(train, test, num_levels=None, name="mix")
 
 
 def many_steps() -> None:
@@ -47,12 +60,11 @@ def many_steps() -> None:
     from scoreflow_eqx._sharding import batch_sharding, replicate
     from scoreflow_eqx._train import _skip_nonfinite, init_state
 
-    cfg = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
     mesh = sf.data_parallel_mesh()
     assert mesh.devices.size == 4
     optimizer = _skip_nonfinite(sf.default_optimizer(lr=1e-4, warmup_steps=10))
     step = sf.make_train_step(optimizer, mesh=mesh)
-    state = replicate(init_state(sf.make_flow(cfg, key=jr.key(0)), optimizer, key=jr.key(1)), mesh)
+    state = replicate(init_state(sf.make_flow(CFG, key=jr.key(0)), optimizer, key=jr.key(1)), mesh)
     batch = jax.device_put(np.ones((32, 2)), batch_sharding(mesh))
     for _ in range(300):
         state, metrics = step(batch, state)
@@ -62,23 +74,15 @@ def many_steps() -> None:
 DISTRIBUTED_RUN = dict(key=7, steps=6, batch_size=32)
 
 
-def distributed_data():
-    mix = sf.GaussianMixture(
-        weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
-    )
-    draw = jax.jit(jax.vmap(lambda k: mix.sample(key=k)))
-    train = np.asarray(draw(jr.split(jr.key(1), 512)))
-    return sf.data.from_arrays(train, train[:64], num_levels=None, name="mix")
-
-
-DISTRIBUTED_CFG = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
+def distributed_data() -> sf.data.Dataset:
+    return mixture_data(512, num_test=64)
 
 
 def distributed(process_id: str, port: str, out: str) -> None:
     """One of two processes of a data-parallel run: each reads its own slice of the data."""
     assert jax.process_count() == 2 and len(jax.devices()) == 2
     res = sf.train(
-        sf.make_flow(DISTRIBUTED_CFG, key=jr.key(0)),
+        sf.make_flow(CFG, key=jr.key(0)),
         distributed_data(),
         key=jr.key(DISTRIBUTED_RUN["key"]),
         steps=DISTRIBUTED_RUN["steps"],
@@ -100,14 +104,7 @@ def distributed(process_id: str, port: str, out: str) -> None:
 
 def resume_job(mode: str, workdir: str, out: str | None = None) -> None:
     """The 10-step job of the `kill` and `run` modes."""
-    mix = sf.GaussianMixture(
-        weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], stds=[[0.3, 0.5], [0.4, 0.2]]
-    )
-    draw = jax.jit(jax.vmap(lambda k: mix.sample(key=k)))
-    data = sf.data.from_arrays(
-        np.asarray(draw(jr.split(jr.key(1), 1024))), None, num_levels=None, name="mix"
-    )
-    cfg = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 32, "depth": 2})
+    data = mixture_data(1024)
 
     def kill(step, state):
         if mode == "kill" and step == KILL_AT:
@@ -115,7 +112,7 @@ def resume_job(mode: str, workdir: str, out: str | None = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush, no atexit
 
     res = sf.train(
-        sf.make_flow(cfg, key=jr.key(0)),
+        sf.make_flow(CFG, key=jr.key(0)),
         data,
         key=jr.key(7),
         steps=STEPS,
@@ -126,7 +123,7 @@ def resume_job(mode: str, workdir: str, out: str | None = None) -> None:
         log_every=1,
         checkpoint_every=4,
         workdir=workdir,
-        flow_config=cfg,
+        flow_config=CFG,
         show_progress=False,
         callback=kill,
     )

@@ -1,5 +1,9 @@
 """Datasets, their discretization, and grain input pipelines."""
 
+from ._dequantizers import (
+    AbstractDequantizer as AbstractDequantizer,
+    UniformDequantizer as UniformDequantizer,
+)
 from ._discretization import Discretization as Discretization
 from ._pipeline import (
     ArraySource as ArraySource,

@@ -82,7 +82,10 @@ class Discretization(eqx.Module):
         """Model-space value `x = a (k + u) / K + b` of levels `k` and offsets `u in [0, 1)`."""
         if self.num_levels is None:
             raise ValueError("Continuous data (num_levels=None) are not dequantized.")
-        y = (jnp.asarray(k) + jnp.asarray(u)) / self.num_levels
+        u = jnp.asarray(u)
+        if not jnp.issubdtype(u.dtype, jnp.floating):
+            u = u.astype(jnp.zeros(()).dtype)
+        y = (jnp.asarray(k).astype(u.dtype) + u) / self.num_levels
         return self.scale * y + self.data_range[0]
 
     def quantize(self, x: Float[ArrayLike, "*d"]) -> Int[Array, "*d"]:

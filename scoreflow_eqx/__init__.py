@@ -9,6 +9,11 @@ from ._diagnostics import (
     loss_variance as loss_variance,
     LossVarianceResult as LossVarianceResult,
 )
+from ._divergence import (
+    AbstractDivergence as AbstractDivergence,
+    ExactTrace as ExactTrace,
+    Hutchinson as Hutchinson,
+)
 from ._factory import (
     flow_config as flow_config,
     make_flow as make_flow,
@@ -22,10 +27,23 @@ from ._likelihood import (
     ODENLLResult as ODENLLResult,
 )
 from ._mixture import GaussianMixture as GaussianMixture
+from ._nll_methods import (
+    AbstractLikelihoodMethod as AbstractLikelihoodMethod,
+    BoundLikelihood as BoundLikelihood,
+    ODELikelihood as ODELikelihood,
+)
 from ._sampling import (
+    AbstractPredictor as AbstractPredictor,
+    AbstractSampler as AbstractSampler,
     decode as decode,
     encode as encode,
+    EulerMaruyamaPredictor as EulerMaruyamaPredictor,
     inpaint as inpaint,
+    LangevinCorrector as LangevinCorrector,
+    PredictorCorrector as PredictorCorrector,
+    ProbabilityFlow as ProbabilityFlow,
+    ReverseDiffusionPredictor as ReverseDiffusionPredictor,
+    ReverseSDE as ReverseSDE,
     sample as sample,
     SampleResult as SampleResult,
     tweedie_denoise as tweedie_denoise,
@@ -39,13 +57,15 @@ from ._sde import (
 )
 from ._sharding import data_parallel_mesh as data_parallel_mesh
 from ._time_sampling import ImportanceSampler as ImportanceSampler
-from ._train import (
+from ._training import (
     default_optimizer as default_optimizer,
     load_flow as load_flow,
     make_train_step as make_train_step,
     train as train,
+    TrainConfig as TrainConfig,
     TrainResult as TrainResult,
     TrainState as TrainState,
+    WorkDirLocked as WorkDirLocked,
 )
 from .data._discretization import bits_per_dim as bits_per_dim
 

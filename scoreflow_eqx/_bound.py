@@ -3,6 +3,7 @@ denoising score-matching form, with the small-time correction of Appendix B."""
 
 import math
 
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._custom_types import Data
 from ._flow import ScoreFlow
+from ._likelihood import check_example
 from ._time_sampling import ImportanceSampler
 
 
@@ -27,6 +29,9 @@ class NLLBoundResult(eqx.Module):
     - `eps_correction`: the small-time correction (0 when disabled).
     - `stderr`: the Monte Carlo standard error of `nll`.
     - `nfe`: the number of score-network evaluations.
+    - `result`: `diffrax.RESULTS.successful`, or `RESULTS.nonfinite_input` when `x` has
+        NaN or inf entries (then every value is NaN).
+    - `stats`: `{"num_t": ..., "num_eps_samples": ...}`, the sample sizes used.
     """
 
     nll: Float[Array, "*batch"]
@@ -35,6 +40,16 @@ class NLLBoundResult(eqx.Module):
     eps_correction: Float[Array, "*batch"]
     stderr: Float[Array, "*batch"]
     nfe: Int[Array, "*batch"]
+    result: dfx.RESULTS
+    stats: dict
+
+
+def check_bound_options(num_t: int, eps_correction: bool, num_eps_samples: int) -> None:
+    for name, value in (("num_t", num_t), ("num_eps_samples", num_eps_samples)):
+        if name == "num_eps_samples" and not eps_correction:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def _mean_and_variance_of_mean(values):
@@ -97,16 +112,9 @@ def nll_bound(
         }
         ```
     """
-    if num_t < 1:
-        raise ValueError(f"`num_t` must be a positive integer, got {num_t!r}.")
-    if eps_correction and num_eps_samples < 1:
-        raise ValueError(f"`num_eps_samples` must be a positive integer, got {num_eps_samples!r}.")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            "`x` must be a floating-point example in model space, got dtype "
-            f"{x.dtype}. Integer levels must be dequantized first (see `evaluate_bpd`)."
-        )
+    check_bound_options(num_t, eps_correction, num_eps_samples)
+    x = check_example(x)
+    ok = jnp.all(jnp.isfinite(x))
     sde, eps, d = flow.sde, flow.eps, x.size
     tkey, zkey, ekey = jr.split(key, 3)
 
@@ -164,7 +172,7 @@ def nll_bound(
     else:
         correction = jnp.zeros((), x.dtype)
 
-    total = prior_term + diffusion_term + correction
+    total = jnp.where(ok, prior_term + diffusion_term + correction, jnp.nan)
     return NLLBoundResult(
         nll=total,
         prior_term=jnp.asarray(prior_term, x.dtype),
@@ -172,4 +180,6 @@ def nll_bound(
         eps_correction=correction,
         stderr=jnp.sqrt(variance),
         nfe=jnp.asarray(nfe),
+        result=dfx.RESULTS.where(ok, dfx.RESULTS.successful, dfx.RESULTS.nonfinite_input),
+        stats={"num_t": num_t, "num_eps_samples": num_eps_samples if eps_correction else 0},
     )

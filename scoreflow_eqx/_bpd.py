@@ -5,28 +5,25 @@ import math
 import warnings
 from collections.abc import Callable
 
-import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import jax.scipy.special as jsp
 import numpy as np
+import scipy.stats
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from tqdm.auto import tqdm
 
-from ._bound import nll_bound
 from ._flow import ScoreFlow
-from ._likelihood import ode_nll, ode_nll_batched
+from ._nll_methods import AbstractLikelihoodMethod, as_method
+from .data._dequantizers import AbstractDequantizer, UniformDequantizer
 from .data._discretization import Discretization
 
 
-METHODS: tuple[str, ...] = ("ode", "bound")
-SOLVE_MODES: tuple[str, ...] = ("per_example", "batched")
-
 #: `dequantizer(k, *, key) -> (x_model, log_q)`: model-space values of the integer
 #: levels `k` of one example and `log q(u | k)`, the log-density of the offsets
-#: `u in [0, 1)^D` (0 for uniform dequantization).
+#: `u in [0, 1)^D` (0 for uniform dequantization); usually an
+#: [`scoreflow_eqx.data.AbstractDequantizer`][].
 Dequantizer = Callable[..., tuple[Float[Array, "*data"], Float[Array, ""]]]
 
 
@@ -45,7 +42,7 @@ class BPDResult(eqx.Module):
     - `nfe_mean`, `nfe_max`: score-network evaluations per example and solve. For the
         bound this is `num_t` (+ the eps-correction samples).
     - `num_failed`: the number of failed solves (examples x repeats).
-    - `method`: `"ode"` or `"bound"`.
+    - `method`: the method's name, `"ode"` or `"bound"`.
     - `num_examples`, `num_repeats`.
     """
 
@@ -59,36 +56,6 @@ class BPDResult(eqx.Module):
     method: str
     num_examples: int
     num_repeats: int
-
-
-@jax.jit
-def _t_upper_tail(t, dof):
-    return 0.5 * jsp.betainc(0.5 * dof, 0.5, dof / (dof + t * t))
-
-
-def student_t_quantile(p: float, dof: int) -> float:
-    """The `p`-quantile (`0 < p < 1`) of Student's t distribution with `dof` degrees of
-    freedom, by bisection on its CDF (a regularised incomplete beta function)."""
-    if not 0 < p < 1:
-        raise ValueError(f"`p` must lie in (0, 1), got {p!r}.")
-    if dof < 1:
-        raise ValueError(f"`dof` must be a positive integer, got {dof!r}.")
-    if p < 0.5:
-        return -student_t_quantile(1 - p, dof)
-
-    def upper_tail(t):  # P(T > t) for t >= 0
-        return float(_t_upper_tail(t, float(dof)))
-
-    lo, hi = 0.0, 1.0
-    while upper_tail(hi) > 1 - p:
-        hi *= 2
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if upper_tail(mid) > 1 - p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 def _check_data(data, discretization: Discretization) -> np.ndarray:
@@ -123,35 +90,78 @@ def _check_data(data, discretization: Discretization) -> np.ndarray:
     return data
 
 
-def _dequantize(discretization, dequantizer, k, key, dtype):
+def _dequantizer_for(discretization: Discretization, dequantizer) -> Dequantizer | None:
     if not discretization.is_discrete:
-        return k.astype(dtype), jnp.zeros((), dtype)
+        if dequantizer is not None:
+            raise ValueError(
+                "A dequantizer needs discrete data, but the discretization has "
+                "num_levels=None (continuous data are used as they are)."
+            )
+        return None
     if dequantizer is None:
-        u = jr.uniform(key, k.shape, dtype)
-        return discretization.dequantize(k, u).astype(dtype), jnp.zeros((), dtype)
-    x, log_q = dequantizer(k, key=key)
-    return x.astype(dtype), jnp.asarray(log_q, dtype)
+        return UniformDequantizer(discretization)
+    if isinstance(dequantizer, AbstractDequantizer):
+        if dequantizer.discretization != discretization:
+            raise ValueError(
+                f"The dequantizer's discretization {dequantizer.discretization} differs from "
+                f"the data's {discretization}; build the dequantizer for the data's."
+            )
+    elif not callable(dequantizer):
+        raise TypeError(
+            "`dequantizer` must be a scoreflow_eqx.data.AbstractDequantizer (or a callable "
+            f"`dequantizer(k, *, key) -> (x, log_q)`), got {type(dequantizer).__name__}."
+        )
+    return dequantizer
 
 
 @eqx.filter_jit
-def _evaluate_batch(flow, batch, keys, discretization, dequantizer, method, solve_mode, kwargs):
-    # Returns per-example (nll in nats incl. log q, nfe, failed).
-    dtype = jnp.zeros(()).dtype
+def _evaluate_batch(flow, batch, keys, dequantizer, method: AbstractLikelihoodMethod):
+    # Per-example (nll in nats incl. log q, nfe, failed), all on device.
     split = jax.vmap(jr.split)(keys)
     dkeys, mkeys = split[:, 0], split[:, 1]
-    xs, log_q = jax.vmap(lambda k, key: _dequantize(discretization, dequantizer, k, key, dtype))(
-        batch, dkeys
-    )
-    if method == "bound":
-        res = jax.vmap(lambda x, key: nll_bound(flow, x, key=key, **kwargs))(xs, mkeys)
-        failed = ~jnp.isfinite(res.nll)
-    elif solve_mode == "per_example":
-        res = jax.vmap(lambda x, key: ode_nll(flow, x, key=key, **kwargs))(xs, mkeys)
-        failed = ~dfx.is_successful(res.result)
+    if dequantizer is None:
+        dtype = jnp.zeros(()).dtype
+        xs, log_q = batch.astype(dtype), jnp.zeros(batch.shape[:1], dtype)
     else:
-        res = ode_nll_batched(flow, xs, key=mkeys, **kwargs)
-        failed = jnp.broadcast_to(~dfx.is_successful(res.result), res.nll.shape)
-    return res.nll + log_q, res.nfe, failed
+        xs, log_q = jax.vmap(lambda k, key: dequantizer(k, key=key))(batch, dkeys)
+    nll, nfe, failed = method.batch_nll(flow, xs, mkeys)
+    return nll + log_q.astype(nll.dtype), nfe, failed
+
+
+def confidence_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """`(mean, half-width)` of the Student-t confidence interval of the mean of the
+    finite `values` (NaN half-width for fewer than two)."""
+    finite = values[np.isfinite(values)]
+    if finite.size < 2:
+        return (float(finite.mean()) if finite.size else float("nan")), float("nan")
+    half = scipy.stats.t.ppf(0.5 + level / 2, finite.size - 1)
+    return float(finite.mean()), float(half * finite.std(ddof=1) / math.sqrt(finite.size))
+
+
+def _run(flow, data, key, dequantizer, method, discretization, batch_size, repeats, bar):
+    # (nll, nfe, failed), each shaped (repeats, examples), batch by batch with a running
+    # bits/dim on the progress bar.
+    n, dim = data.shape[0], math.prod(data.shape[1:])
+    num_batches = -(-n // batch_size)
+    pad = np.repeat(data[:1], num_batches * batch_size - n, axis=0)
+    padded = np.concatenate([data, pad], axis=0)
+    out = np.empty((3, repeats, n))
+    for r in range(repeats):
+        repeat_key = jr.fold_in(key, r)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            indices = jnp.arange(start, start + batch_size)
+            keys = jax.vmap(lambda i: jr.fold_in(repeat_key, i))(indices)
+            batch = jnp.asarray(padded[start : start + batch_size])
+            values = _evaluate_batch(flow, batch, keys, dequantizer, method)
+            out[:, r, start:stop] = np.stack([np.asarray(v)[: stop - start] for v in values])
+            done = out[0, : r + 1].reshape(-1)[: r * n + stop]
+            done = done[np.isfinite(done)]
+            bits = np.asarray(discretization.bits_per_dim(done, dim=dim))
+            running = float(bits.mean()) if done.size else float("nan")
+            bar.set_postfix(bpd=f"{running:.4f}", nfe=f"{out[1, r, start:stop].mean():.0f}")
+            bar.update()
+    return out[0], out[1], out[2].astype(bool)
 
 
 def evaluate_bpd(
@@ -160,22 +170,23 @@ def evaluate_bpd(
     *,
     discretization: Discretization,
     key: PRNGKeyArray,
-    method: str = "ode",
-    batch_size: int = 64,
+    method: AbstractLikelihoodMethod | str = "ode",
     dequantizer: Dequantizer | None = None,
+    batch_size: int = 64,
     num_repeats: int = 1,
-    solve_mode: str = "batched",
     show_progress: bool = True,
+    solve_mode: str | None = None,
     **method_kwargs,
 ) -> BPDResult:
     """Bits per dimension of a dataset under a score-based model, with a 95% confidence
     interval.
 
-    Discrete data are given as their integer levels and dequantized here:
-    `x = a (k + u) / K + b` with `u ~ U[0, 1)^D` (or a variational `q(u | k)`), and the
-    discrete NLL is `(E[NLL_x + log q(u | k)] / D - log a + log K) / log 2` bits per
-    dimension (see [`scoreflow_eqx.bits_per_dim`][]). Examples are evaluated in
-    jit-compiled, vmapped batches (the last one padded), with a tqdm bar.
+    Discrete data are given as their integer levels and dequantized here by
+    `dequantizer` (default [`scoreflow_eqx.data.UniformDequantizer`][]): `x = a (k + u)
+    / K + b` with `u ~ q(u | k)`, and the discrete NLL is `(E[NLL_x + log q(u | k)] / D -
+    log a + log K) / log 2` bits per dimension (see [`scoreflow_eqx.bits_per_dim`][]).
+    Examples are evaluated in jit-compiled, vmapped batches (the last one padded), with a
+    tqdm bar.
 
     **Arguments:**
 
@@ -187,111 +198,58 @@ def evaluate_bpd(
     - `key`: PRNG key (keyword-only) for dequantization, probes and times; each
         example's randomness depends only on its index and the repeat, not on
         `batch_size`.
-    - `method`: `"ode"` ([`scoreflow_eqx.ode_nll`][]) or `"bound"`
-        ([`scoreflow_eqx.nll_bound`][]).
+    - `method`: the likelihood: [`scoreflow_eqx.ODELikelihood`][]`(...)` (the
+        probability-flow ODE; `"ode"` is its default) or
+        [`scoreflow_eqx.BoundLikelihood`][]`(...)` (the Theorem 3 bound; `"bound"`).
+    - `dequantizer`: a dequantizer for the data's discretization (e.g.
+        [`scoreflow_eqx.VariationalDequantizer`][]); for discrete data only.
     - `batch_size`: examples per compiled batch.
-    - `dequantizer`: optional `dequantizer(k, *, key) -> (x_model, log_q)` replacing
-        uniform dequantization.
     - `num_repeats`: evaluations per example (fresh dequantization noise and probes),
         averaged per example.
-    - `solve_mode`: for `"ode"`: `"batched"` (default; one solve of the whole batch
-        with a shared step size and RMS error control over the batch, as the paper's
-        released code) or `"per_example"` (vmapped solves, each with its own steps and
-        NFE). Batched was faster in every batched case of `benchmarks/nfe_per_nll.py`
-        on CPU: vmapped solves run until the slowest example is done. Its NFE is the
-        batch's.
     - `show_progress`: show a tqdm bar.
-    - `**method_kwargs`: passed on to `ode_nll` (e.g. `divergence`, `rtol`, `atol`,
-        `solver`) or to `nll_bound` (e.g. `num_t`, `eps_correction`).
+    - `solve_mode`, `**method_kwargs`: deprecated; the options of the method object.
 
     **Returns:** a [`scoreflow_eqx.BPDResult`][].
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; valid methods are {list(METHODS)}.")
-    if solve_mode not in SOLVE_MODES:
-        raise ValueError(f"Unknown solve_mode {solve_mode!r}; valid modes are {list(SOLVE_MODES)}.")
+    method = as_method(method, method_kwargs, solve_mode)
     if not isinstance(discretization, Discretization):
         raise TypeError(
             "`discretization` must be a scoreflow_eqx.data.Discretization, got "
             f"{type(discretization).__name__}."
         )
-    if batch_size < 1 or num_repeats < 1:
-        raise ValueError(
-            f"`batch_size` and `num_repeats` must be positive, got {batch_size!r} and "
-            f"{num_repeats!r}."
-        )
-    if "key" in method_kwargs:
-        raise ValueError("Pass `key` once, to evaluate_bpd itself.")
-    if dequantizer is not None and not discretization.is_discrete:
-        raise ValueError("A dequantizer needs discrete data (`num_levels` is None).")
+    for name, value in (("batch_size", batch_size), ("num_repeats", num_repeats)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    dequantizer = _dequantizer_for(discretization, dequantizer)
     data = _check_data(data, discretization)
-    n = data.shape[0]
-    dim = math.prod(data.shape[1:])
-    num_batches = -(-n // batch_size)
-    padded = np.concatenate(
-        [data, np.repeat(data[:1], num_batches * batch_size - n, axis=0)], axis=0
-    )
     if discretization.is_discrete:
-        padded = padded.astype(np.int32)
-    nll = np.empty((num_repeats, n))
-    nfe = np.empty((num_repeats, n))
-    failed = np.empty((num_repeats, n), dtype=bool)
+        data = data.astype(np.int32)
+    n, dim = data.shape[0], math.prod(data.shape[1:])
     with tqdm(
-        total=num_repeats * num_batches,
+        total=num_repeats * -(-n // batch_size),
         disable=not show_progress,
-        desc=f"bits/dim ({method})",
+        desc=f"bits/dim ({method.name})",
     ) as bar:
-        for r in range(num_repeats):
-            repeat_key = jr.fold_in(key, r)
-            for b in range(num_batches):
-                start = b * batch_size
-                stop = min(start + batch_size, n)
-                indices = jnp.arange(start, start + batch_size)
-                keys = jax.vmap(lambda i: jr.fold_in(repeat_key, i))(indices)
-                out = _evaluate_batch(
-                    flow,
-                    jnp.asarray(padded[start : start + batch_size]),
-                    keys,
-                    discretization,
-                    dequantizer,
-                    method,
-                    solve_mode,
-                    method_kwargs,
-                )
-                batch_nll, batch_nfe, batch_failed = (np.asarray(o) for o in out)
-                m = stop - start
-                nll[r, start:stop] = batch_nll[:m]
-                nfe[r, start:stop] = batch_nfe[:m]
-                failed[r, start:stop] = batch_failed[:m]
-                done = nll[: r + 1].reshape(-1)[: r * n + stop]
-                done = done[np.isfinite(done)]
-                running = (
-                    float(np.mean(discretization.bits_per_dim(done, dim=dim)))
-                    if done.size
-                    else float("nan")
-                )
-                bar.set_postfix(bpd=f"{running:.4f}", nfe=f"{float(np.mean(batch_nfe[:m])):.0f}")
-                bar.update()
+        nll, nfe, failed = _run(
+            flow, data, key, dequantizer, method, discretization, batch_size, num_repeats, bar
+        )
+    return _summarise(nll, nfe, failed, method, discretization, dim)
+
+
+def _summarise(nll, nfe, failed, method, discretization, dim) -> BPDResult:
     nll = np.where(failed, np.nan, nll)
     per_example_nll = nll.mean(axis=0)
     per_example = np.asarray(discretization.bits_per_dim(per_example_nll, dim=dim))
     num_failed = int(failed.sum())
-    finite = per_example[np.isfinite(per_example)]
     if num_failed:
         warnings.warn(
             f"{num_failed} of {failed.size} likelihood evaluations failed (e.g. "
             "max_steps reached); they are NaN in `per_example` and excluded from "
             "`bpd`.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if finite.size >= 2:
-        bpd = float(finite.mean())
-        half = student_t_quantile(0.975, finite.size - 1)
-        ci95 = float(half * finite.std(ddof=1) / math.sqrt(finite.size))
-    else:
-        bpd = float(finite.mean()) if finite.size else float("nan")
-        ci95 = float("nan")
+    bpd, ci95 = confidence_interval(per_example)
     return BPDResult(
         bpd=bpd,
         ci95=ci95,
@@ -300,7 +258,7 @@ def evaluate_bpd(
         nfe_mean=float(nfe.mean()),
         nfe_max=int(nfe.max()),
         num_failed=num_failed,
-        method=method,
-        num_examples=n,
-        num_repeats=num_repeats,
+        method=method.name,
+        num_examples=nll.shape[1],
+        num_repeats=nll.shape[0],
     )

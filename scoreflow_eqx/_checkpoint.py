@@ -1,7 +1,11 @@
-"""Training checkpoints with orbax's `CheckpointManager` (parameters, EMA, optimizer
-state, step, key, grain iterator state and the config), with keep-last-N, automatic
-resume, and fallback to an older checkpoint when the latest cannot be read."""
+"""Checkpoints with orbax's `CheckpointManager`: named pytrees of arrays stored keyed by
+their tree paths, a JSON record, the grain iterator state, and checksums of every array
+verified on restore; keep-last-N, and fallback to an older checkpoint when the latest
+cannot be read or fails its checksums."""
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import warnings
@@ -9,20 +13,94 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jaxtyping import PyTree
 
 
-#: The array items of a training checkpoint (each restorable on its own).
-STATE_ITEMS: tuple[str, ...] = ("params", "ema_params", "opt_state", "meta")
+RECORD_ITEM = "record"
+CHECKSUM_ITEM = "checksums"
+DATA_ITEM = "data"
+#: The JSON record's item in checkpoints of the first layout (leaf lists).
+OLD_CONFIG_ITEM = "config"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds other arrays than the structure it is restored into."""
+
+
+def flatten_by_path(tree: PyTree) -> dict[str, Any]:
+    """`{jax.tree_util.keystr(path): leaf}` for every leaf of `tree` (`None`s dropped)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+
+
+def unflatten_by_path(template: PyTree, flat: dict[str, Any], *, where: str) -> PyTree:
+    """The tree of `template` with its leaves looked up by path in `flat`; a missing or
+    an unexpected path is a `CheckpointMismatchError` naming them."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    keys = [jax.tree_util.keystr(p) for p, _ in paths]
+    missing, extra = sorted(set(keys) - set(flat)), sorted(set(flat) - set(keys))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"{where} does not match the structure it is restored into: missing "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+            f"{extra[:5]}{' ...' if len(extra) > 5 else ''}. It was written for another "
+            "model or optimizer."
+        )
+    return jax.tree.unflatten(treedef, [flat[k] for k in keys])
+
+
+def _array_bytes(x) -> bytes:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.ascontiguousarray(np.asarray(x)).tobytes()
+
+
+def checksums(flat: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of the bytes of every array of a flattened item."""
+    return {k: hashlib.sha256(_array_bytes(v)).hexdigest() for k, v in flat.items()}
+
+
+def abstract_like(tree, sharding: jax.sharding.Sharding | None = None):
+    """`jax.ShapeDtypeStruct`s (with `sharding`) for every array leaf of `tree`."""
+
+    def leaf(x):
+        s = ocp.utils.to_shape_dtype_struct(x)
+        if sharding is not None:
+            s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+        return s
+
+    return jax.tree.map(leaf, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored checkpoint: `items` (the requested pytrees), `step`, and `record` (its
+    JSON record, or `None`)."""
+
+    items: dict[str, PyTree]
+    step: int
+    record: dict | None
+
+
+class _ChecksumError(RuntimeError):
+    pass
+
+
+def _record_checksum(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 class Checkpointer:
     """A thin wrapper over `orbax.checkpoint.CheckpointManager` for training runs.
 
-    Each checkpoint holds the items `params`, `ema_params`, `opt_state`, `meta` (step,
-    key, ...), optionally `data` (a grain iterator, through
-    `grain.checkpoint.CheckpointSave`) and `config` (JSON). Saves are asynchronous; use
-    it as a context manager (or call `close()`) so pending saves finish.
+    A checkpoint holds named pytrees of arrays (each stored as a dict keyed by the
+    leaves' tree paths, so an added or reordered field can never load the wrong
+    arrays), their SHA-256 checksums (verified on restore), a JSON `record` and,
+    optionally, the state of a grain iterator. Saves are asynchronous; use it as a
+    context manager (or call `close()`) so pending saves finish.
 
     **Arguments:**
 
@@ -38,8 +116,8 @@ class Checkpointer:
         max_to_keep: int = 3,
         enable_async: bool = True,
     ):
-        if max_to_keep < 1:
-            raise ValueError(f"`max_to_keep` must be >= 1, got {max_to_keep!r}.")
+        if not (isinstance(max_to_keep, int) and max_to_keep >= 1):
+            raise ValueError(f"`max_to_keep` must be a positive integer, got {max_to_keep!r}.")
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -71,38 +149,58 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        state: dict[str, Any],
+        items: dict[str, PyTree],
         *,
         data_iterator: grain.DatasetIterator | None = None,
-        config: dict | None = None,
+        record: dict | None = None,
     ) -> None:
-        """Save `state` (a dict with the keys of `STATE_ITEMS`, array pytrees) at
-        `step`."""
-        missing = set(STATE_ITEMS) - set(state)
-        if missing:
-            raise ValueError(f"`state` lacks the items {sorted(missing)}.")
-        items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
+        """Save the pytrees `items` (name -> pytree of arrays; the arrays must not be
+        donated or changed until the save finishes), the JSON `record` and the iterator
+        state at `step`."""
+        reserved = {RECORD_ITEM, CHECKSUM_ITEM, DATA_ITEM} & set(items)
+        if reserved:
+            raise ValueError(f"Item names {sorted(reserved)} are reserved.")
+        flat = {name: flatten_by_path(tree) for name, tree in items.items()}
+        args: dict[str, Any] = {name: ocp.args.StandardSave(f) for name, f in flat.items()}
+        sums = {n: checksums(f) for n, f in flat.items()}
+        sums[RECORD_ITEM] = _record_checksum(record or {})
+        args[CHECKSUM_ITEM] = ocp.args.JsonSave(sums)
+        args[RECORD_ITEM] = ocp.args.JsonSave(record or {})
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        if config is not None:
-            items["config"] = ocp.args.JsonSave(config)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def _item_tree(self, step: int, name: str):
+        # The metadata tree (leaves: `ArrayMetadata` with `.shape`) of an array item, or
+        # None when the checkpoint has no such item.
+        path = epath.Path(self.directory) / str(step) / name
+        if not path.exists():
+            return None
+        return ocp.StandardCheckpointHandler().metadata(path).tree
+
+    def layout(self, step: int) -> str:
+        """`"paths"` (this layout) or `"leaf-lists"` (the first layout of the package,
+        which stored every pytree as a list of leaves and its record as `config`)."""
+        tree = self._item_tree(step, "params")
+        return "leaf-lists" if isinstance(tree, list | tuple) else "paths"
 
     def restore(
         self,
-        abstract_state: dict[str, Any],
+        templates: dict[str, PyTree],
         *,
         data_iterator: grain.DatasetIterator | None = None,
         step: int | None = None,
         quarantine: bool = False,
-    ) -> tuple[dict[str, Any], int] | None:
-        """Restore the items named in `abstract_state` (pytrees of
-        `jax.ShapeDtypeStruct`, with `sharding` for placement) and, if given, the state
-        of `data_iterator` (in place).
+    ) -> Restored | None:
+        """Restore the items named in `templates` (pytrees of `jax.ShapeDtypeStruct`,
+        with `sharding` for placement) and, if given, the state of `data_iterator` (in
+        place).
 
-        With `step=None`, the latest checkpoint is tried first; if it cannot be read
-        (corrupted or incomplete), a warning is issued and the previous one is tried,
-        and so on. Returns `(state, step)`, or `None` when there is no checkpoint.
+        With `step=None`, the latest checkpoint is tried first; if it cannot be read or
+        fails its checksums, a warning is issued and the previous one is tried, and so
+        on. Returns a [`scoreflow_eqx._checkpoint.Restored`][], or `None` when there is
+        no checkpoint. A checkpoint holding other arrays than `templates` raises a
+        `CheckpointMismatchError` (no fallback: it was written for another model).
 
         With `quarantine=True` (used when training resumes), unreadable checkpoints
         newer than the restored one are renamed to `corrupted-step-N` (kept for
@@ -115,7 +213,9 @@ class Checkpointer:
         errors, failed = [], []
         for s in reversed(steps):
             try:
-                restored = self._restore_step(s, abstract_state, data_iterator)
+                restored = self.restore_step(s, templates, data_iterator=data_iterator)
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
                 errors.append(f"step {s}: {type(e).__name__}: {e}")
                 older = [t for t in steps if t < s]
@@ -130,7 +230,7 @@ class Checkpointer:
                 continue
             if quarantine and failed:
                 self._quarantine(failed)
-            return restored, s
+            return restored
         raise RuntimeError(
             f"No checkpoint in {self.directory} could be restored:\n" + "\n".join(errors)
         )
@@ -146,31 +246,93 @@ class Checkpointer:
                 os.rename(src, dst)
         self._manager.reload()
 
-    def _restore_step(self, step, abstract_state, data_iterator):
-        items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_state.items()}
+    def _check_paths(self, step: int, templates: dict[str, PyTree]) -> dict[str, dict]:
+        if self.layout(step) != "paths":
+            raise CheckpointMismatchError(
+                f"The checkpoint at step {step} in {self.directory} was written by an older "
+                "version of scoreflow_eqx (arrays stored as lists of leaves): it cannot be "
+                "resumed from; `sf.load_flow` still loads its model."
+            )
+        abstract = {}
+        for name, template in templates.items():
+            stored = self._item_tree(step, name)
+            if stored is None:
+                raise CheckpointMismatchError(f"The checkpoint at step {step} has no {name!r}.")
+            flat = flatten_by_path(template)
+            unflatten_by_path(template, dict(stored), where=f"{name!r} at step {step}")
+            bad = [k for k, x in flat.items() if tuple(stored[k].shape) != tuple(x.shape)]
+            if bad:
+                raise CheckpointMismatchError(
+                    f"{name!r} at step {step} holds arrays of other shapes than the structure "
+                    f"it is restored into, e.g. {bad[0]}: {tuple(stored[bad[0]].shape)} vs "
+                    f"{tuple(flat[bad[0]].shape)}. It was written for another model."
+                )
+            abstract[name] = flat
+        return abstract
+
+    def restore_step(
+        self,
+        step: int,
+        templates: dict[str, PyTree],
+        *,
+        data_iterator: grain.DatasetIterator | None = None,
+    ) -> Restored:
+        """Restore the checkpoint at `step` (no fallback): a `CheckpointMismatchError`
+        if it holds other arrays than `templates`, another exception if it cannot be read
+        or fails its checksums."""
+        abstract = self._check_paths(step, templates)
+        args: dict[str, Any] = {n: ocp.args.StandardRestore(a) for n, a in abstract.items()}
+        args[CHECKSUM_ITEM] = ocp.args.JsonRestore()
+        args[RECORD_ITEM] = ocp.args.JsonRestore()
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {name: restored[name] for name in abstract_state}
+            args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        expected = restored[CHECKSUM_ITEM]
+        for name in templates:
+            if checksums(restored[name]) != expected.get(name):
+                bad = [
+                    k
+                    for k, v in checksums(restored[name]).items()
+                    if expected.get(name, {}).get(k) != v
+                ]
+                raise _ChecksumError(f"{name!r} fails its checksums (e.g. {bad[:3]})")
+        if _record_checksum(restored[RECORD_ITEM]) != expected.get(RECORD_ITEM):
+            raise _ChecksumError("the run record fails its checksum")
+        items = {
+            n: unflatten_by_path(t, restored[n], where=f"{n!r} at step {step}")
+            for n, t in templates.items()
+        }
+        return Restored(items=items, step=step, record=restored[RECORD_ITEM])
 
-    def restore_config(self, step: int | None = None) -> dict | None:
-        """The JSON config saved with a checkpoint (latest by default), or `None`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    def read_record(self, step: int) -> dict | None:
+        """The JSON record of the checkpoint at `step`, verified against its checksum
+        (the unverified `config` of the older layout), or `None`."""
+        if self.layout(step) != "paths":
+            args = ocp.args.Composite(**{OLD_CONFIG_ITEM: ocp.args.JsonRestore()})
+            return self._manager.restore(step, args=args)[OLD_CONFIG_ITEM]
+        args = ocp.args.Composite(
+            **{RECORD_ITEM: ocp.args.JsonRestore(), CHECKSUM_ITEM: ocp.args.JsonRestore()}
         )
-        return restored["config"]
+        restored = self._manager.restore(step, args=args)
+        record = restored[RECORD_ITEM]
+        if _record_checksum(record) != restored[CHECKSUM_ITEM].get(RECORD_ITEM):
+            raise _ChecksumError(f"The run record at step {step} fails its checksum.")
+        return record
 
-
-def abstract_like(tree, sharding: jax.sharding.Sharding | None = None):
-    """`jax.ShapeDtypeStruct`s (with `sharding`) for every array leaf of `tree`."""
-
-    def leaf(x):
-        s = ocp.utils.to_shape_dtype_struct(x)
-        if sharding is not None:
-            s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
-        return s
-
-    return jax.tree.map(leaf, tree)
+    def restore_leaf_list(self, step: int, name: str, template: PyTree) -> PyTree:
+        """Restore item `name` of an older-layout checkpoint (a list of leaves) into the
+        structure of `template`, refusing it unless the number, shapes and dtypes of
+        the leaves agree."""
+        leaves, treedef = jax.tree.flatten(template)
+        stored = self._item_tree(step, name) or []
+        shapes = [tuple(m.shape) for m in stored]
+        wanted = [tuple(x.shape) for x in leaves]
+        if shapes != wanted:
+            raise CheckpointMismatchError(
+                f"{name!r} of the older-layout checkpoint at step {step} holds "
+                f"{len(shapes)} arrays that do not match this model's {len(wanted)} "
+                "(in number or shape)."
+            )
+        args = ocp.args.Composite(**{name: ocp.args.StandardRestore(list(abstract_like(leaves)))})
+        values = self._manager.restore(step, args=args)[name]
+        return jax.tree.unflatten(treedef, list(values))

@@ -72,9 +72,19 @@ class ScoreFlow(eqx.Module):
         self.parameterization = parameterization
         self.eps = eps
 
+    def _net(self, t: RealScalarLike, x: Data) -> Data:
+        out = self.net(t, x)
+        if getattr(out, "shape", None) != x.shape:
+            raise ValueError(
+                f"The net {type(self.net).__name__} maps an example of shape {x.shape} to "
+                f"an output of shape {getattr(out, 'shape', type(out).__name__)}; a score "
+                "network must return an array shaped like its input."
+            )
+        return out
+
     def score(self, t: RealScalarLike, x: Data) -> Data:
         """The model score `s(t, x) ~ grad_x log p_t(x)` for one example."""
-        out = self.net(t, x)
+        out = self._net(t, x)
         if self.parameterization == "noise":
             _, sigma = self.sde.marginal(t)
             return -out / sigma
@@ -83,7 +93,7 @@ class ScoreFlow(eqx.Module):
     def scaled_score(self, t: RealScalarLike, x: Data) -> Data:
         """`sigma_t s(t, x)`, computed without dividing by `sigma_t` when the net predicts
         noise (then it is `-net(t, x)`)."""
-        out = self.net(t, x)
+        out = self._net(t, x)
         if self.parameterization == "noise":
             return -out
         _, sigma = self.sde.marginal(t)

@@ -1,7 +1,6 @@
 """Denoising score matching with score-SDE or likelihood weighting."""
 
 from collections.abc import Callable
-from typing import Literal
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -12,7 +11,6 @@ from ._sde import AbstractSDE
 from ._time_sampling import ImportanceSampler
 
 
-Weighting = Literal["likelihood", "score_sde"]
 WEIGHTINGS: tuple[str, ...] = ("likelihood", "score_sde")
 
 

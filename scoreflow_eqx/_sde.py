@@ -7,6 +7,7 @@ drift and a scalar diffusion, so the perturbation kernel is Gaussian:
 
 import abc
 import math
+import warnings
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -62,9 +63,10 @@ class AbstractSDE(eqx.Module):
     (forward SDE, reverse-time SDE, probability-flow ODE). All functions act on one example
     of any shape; use `jax.vmap` for batches. Time comes first, as in diffrax.
 
-    Subclasses also provide the antiderivative `A(t)` of `g(t)^2 / sigma_t^2` and its inverse,
-    which give the importance-sampling proposal of the likelihood-weighted loss
-    (Song et al. 2021, Section 5): see [`scoreflow_eqx.ImportanceSampler`][].
+    Subclasses also provide minus the log-SNR, `log(sigma_t^2 / alpha_t^2)`, an
+    antiderivative of `g(t)^2 / sigma_t^2`, and its inverse, which give the
+    importance-sampling proposal of the likelihood-weighted loss (Song et al. 2021,
+    Section 5): see [`scoreflow_eqx.ImportanceSampler`][].
     """
 
     #: Terminal time.
@@ -96,15 +98,34 @@ class AbstractSDE(eqx.Module):
         """The standard deviation of the isotropic Gaussian prior at time `T`."""
 
     @abc.abstractmethod
-    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
-        """An antiderivative `A(t)` of `g(t)^2 / sigma_t^2` (the importance-sampling density,
-        unnormalised)."""
+    def neg_log_snr(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        """Minus the log signal-to-noise ratio, `log(sigma_t^2 / alpha_t^2)`: increasing in
+        `t`, and an antiderivative of `g(t)^2 / sigma_t^2` (the importance-sampling
+        density, unnormalised)."""
 
     @abc.abstractmethod
+    def inverse_neg_log_snr(self, a: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        """The inverse of `neg_log_snr`: the `t` with `log(sigma_t^2 / alpha_t^2) = a`."""
+
+    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        """Deprecated name of `neg_log_snr`."""
+        warnings.warn(
+            "`log_snr_antiderivative` is deprecated: it is `neg_log_snr`, log(sigma^2 / alpha^2).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.neg_log_snr(t)
+
     def inverse_log_snr_antiderivative(
         self, a: Real[ArrayLike, "*shape"]
     ) -> Float[Array, "*shape"]:
-        """The inverse of `log_snr_antiderivative`: the `t` with `A(t) = a`."""
+        """Deprecated name of `inverse_neg_log_snr`."""
+        warnings.warn(
+            "`inverse_log_snr_antiderivative` is deprecated: use `inverse_neg_log_snr`.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.inverse_neg_log_snr(a)
 
     # ---- derived quantities -------------------------------------------------------------
 
@@ -119,11 +140,6 @@ class AbstractSDE(eqx.Module):
         std = self.prior_std()
         d = x.size
         return -0.5 * jnp.sum((x / std) ** 2) - d * (0.5 * math.log(2 * math.pi) + math.log(std))
-
-    def score_kernel(self, t: RealScalarLike, x_t: Data, x_0: Data) -> Data:
-        """`grad_{x_t} log p_0t(x_t | x_0) = -(x_t - alpha_t x_0) / sigma_t^2`."""
-        alpha, sigma = self.marginal(t)
-        return -(x_t - alpha * x_0) / sigma**2
 
     # ---- diffrax terms -----------------------------------------------------------------
 
@@ -260,13 +276,12 @@ class VPSDE(_AbstractLinearBeta, AbstractSDE):
         b = self.integrated_beta(t)
         return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
 
-    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
-        # g^2 / sigma^2 = beta / (1 - e^{-B})  =>  A = log(e^B - 1).
+    def neg_log_snr(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        # sigma^2 / alpha^2 = (1 - e^{-B}) e^B = e^B - 1 (and its derivative over itself is
+        # beta / (1 - e^{-B}) = g^2 / sigma^2).
         return jnp.log(jnp.expm1(self.integrated_beta(t)))
 
-    def inverse_log_snr_antiderivative(
-        self, a: Real[ArrayLike, "*shape"]
-    ) -> Float[Array, "*shape"]:
+    def inverse_neg_log_snr(self, a: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         b = jnp.logaddexp(0.0, a)  # log(1 + e^a)
         return _quadratic_time(b, self.beta_min, self.beta_max)
 
@@ -309,14 +324,13 @@ class SubVPSDE(_AbstractLinearBeta, AbstractSDE):
         b = self.integrated_beta(t)
         return jnp.exp(-0.5 * b), -jnp.expm1(-b)
 
-    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
-        # g^2 / sigma^2 = beta (1 + e^{-B}) / (1 - e^{-B})  =>  A = 2 log(e^B - 1) - B.
+    def neg_log_snr(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        # sigma^2 / alpha^2 = (1 - e^{-B})^2 e^B = (e^B - 1)^2 / e^B, whose log has the
+        # derivative beta (1 + e^{-B}) / (1 - e^{-B}) = g^2 / sigma^2.
         b = self.integrated_beta(t)
         return 2 * jnp.log(jnp.expm1(b)) - b
 
-    def inverse_log_snr_antiderivative(
-        self, a: Real[ArrayLike, "*shape"]
-    ) -> Float[Array, "*shape"]:
+    def inverse_neg_log_snr(self, a: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         # (y - 1)^2 / y = e^a with y = e^B: y = 1 + (e^a + sqrt(e^a (4 + e^a))) / 2.
         ea = jnp.exp(a)
         b = jnp.log1p(0.5 * (ea + jnp.sqrt(ea * (4 + ea))))
@@ -388,11 +402,10 @@ class VESDE(AbstractSDE):
     def prior_std(self) -> float:
         return self.sigma_max
 
-    def log_snr_antiderivative(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    def neg_log_snr(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        # log sigma(t)^2 = 2 log sigma_min + 2 t log(sigma_max / sigma_min); its derivative
         # g^2 / sigma^2 = 2 log(sigma_max / sigma_min) is constant.
-        return jnp.asarray(2 * self._log_ratio * t)
+        return jnp.asarray(2 * (math.log(self.sigma_min) + self._log_ratio * t))
 
-    def inverse_log_snr_antiderivative(
-        self, a: Real[ArrayLike, "*shape"]
-    ) -> Float[Array, "*shape"]:
-        return jnp.asarray(a / (2 * self._log_ratio))
+    def inverse_neg_log_snr(self, a: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        return jnp.asarray((0.5 * a - math.log(self.sigma_min)) / self._log_ratio)

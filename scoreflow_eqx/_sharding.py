@@ -33,12 +33,6 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Assemble the global batch from this process's slice (multi-host safe): the global
-    batch has `process_count * len(local_batch)` examples, sharded over the mesh."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
-
-
 def replicate(tree, mesh: Mesh):
     """Copies of every array leaf of `tree` on all devices of `mesh` (never aliasing the
     inputs, so the copies can be donated without deleting the caller's arrays).

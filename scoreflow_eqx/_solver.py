@@ -1,15 +1,22 @@
-"""Diffrax solve helpers: counting the function evaluations of a solve, and choosing the
-first step of an adaptive one."""
+"""Diffrax solve helpers shared by every solve of the package: one vocabulary
+(`solver=`, `stepsize_controller=`, `dt0=`, `max_steps=`, `adjoint=`, `throw=`), the count of
+function evaluations of a solve, and the choice of the first step of an adaptive one."""
 
+import math
 from collections.abc import Callable
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
 from ._custom_types import RealScalarLike, Scalar
 
+
+#: The tolerance of adaptive solves when neither `stepsize_controller` nor `rtol`/`atol`
+#: are given (the paper's RK45 setting).
+DEFAULT_TOLERANCE = 1e-5
 
 # Vector-field evaluations of `initial_step_size` (at t0 and at one trial point).
 INITIAL_STEP_EVALUATIONS = 2
@@ -100,3 +107,180 @@ def initial_step_size(
         max_d <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / max_d) ** (1 / error_order)
     )
     return direction * jnp.minimum(jnp.minimum(100 * h0, h1), length)
+
+
+def _pid(controller: dfx.AbstractStepSizeController) -> dfx.PIDController | None:
+    # The PID controller that sets the tolerances (possibly wrapped by a
+    # `ClipStepSizeController`), or None.
+    while isinstance(controller, dfx.ClipStepSizeController):
+        controller = controller.controller
+    return controller if isinstance(controller, dfx.PIDController) else None
+
+
+def _check_tolerance(name: str, value) -> None:
+    try:
+        ok = math.isfinite(float(value)) and float(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+
+
+def resolve_controller(
+    stepsize_controller: dfx.AbstractStepSizeController | None,
+    rtol: float | None,
+    atol: float | None,
+) -> dfx.AbstractStepSizeController:
+    """The step-size controller of an adaptive solve: the user's `stepsize_controller`,
+    or `diffrax.PIDController(rtol, atol)` (each defaulting to `DEFAULT_TOLERANCE`).
+    Passing both is refused; tolerances must be finite and non-negative, not both 0."""
+    if stepsize_controller is not None:
+        if rtol is not None or atol is not None:
+            raise ValueError(
+                "Pass either `stepsize_controller` or `rtol`/`atol`, not both (the "
+                "controller carries its own tolerances)."
+            )
+        if not isinstance(stepsize_controller, dfx.AbstractStepSizeController):
+            raise TypeError(
+                "`stepsize_controller` must be a diffrax step-size controller (e.g. "
+                f"`diffrax.PIDController(rtol=1e-5, atol=1e-5)`), got "
+                f"{type(stepsize_controller).__name__}."
+            )
+        controller = stepsize_controller
+    else:
+        rtol = DEFAULT_TOLERANCE if rtol is None else rtol
+        atol = DEFAULT_TOLERANCE if atol is None else atol
+        _check_tolerance("rtol", rtol)
+        _check_tolerance("atol", atol)
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+    pid = _pid(controller)
+    if pid is not None:
+        _check_tolerance("rtol", pid.rtol)
+        _check_tolerance("atol", pid.atol)
+        if float(pid.rtol) == 0 and float(pid.atol) == 0:
+            raise ValueError("`rtol` and `atol` cannot both be 0.")
+    return controller
+
+
+def check_max_steps(max_steps: int | None) -> None:
+    if max_steps is not None and not (
+        isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1
+    ):
+        raise ValueError(f"`max_steps` must be a positive integer or None, got {max_steps!r}.")
+
+
+def check_adjoint(adjoint) -> None:
+    if not isinstance(adjoint, dfx.AbstractAdjoint):
+        raise TypeError(
+            "`adjoint` must be a diffrax adjoint (e.g. `diffrax.RecursiveCheckpointAdjoint()` "
+            f"or `diffrax.BacksolveAdjoint()`), got {type(adjoint).__name__}."
+        )
+
+
+def first_step(
+    vector_field: Callable,
+    solver: dfx.AbstractSolver,
+    controller: dfx.AbstractStepSizeController,
+    t0: RealScalarLike,
+    t1: RealScalarLike,
+    y0: PyTree[ArrayLike],
+    args: PyTree,
+    dt0: float | None,
+) -> tuple[RealScalarLike | None, int]:
+    """`(dt0, extra evaluations)` of a solve: the user's `dt0` signed towards `t1`, or
+    for `dt0=None` the Hairer-Norsett-Wanner first step (two evaluations) when the
+    controller is adaptive with tolerances. A constant step size needs `dt0`."""
+    if dt0 is not None:
+        if not (math.isfinite(float(dt0)) and float(dt0) != 0):
+            raise ValueError(f"`dt0` must be a finite non-zero number or None, got {dt0!r}.")
+        return jnp.where(jnp.asarray(t1) >= jnp.asarray(t0), 1.0, -1.0) * abs(dt0), 0
+    if isinstance(controller, dfx.ConstantStepSize):
+        raise ValueError(f"A fixed-step solve ({type(solver).__name__}) needs `dt0`.")
+    pid = _pid(controller)
+    if pid is None or not isinstance(solver, dfx.AbstractAdaptiveSolver):
+        # Another adaptive controller: let diffrax choose (`dt0=None`).
+        return None, 0
+    dt = initial_step_size(vector_field, solver, pid, t0, t1, y0, args)
+    return dt, INITIAL_STEP_EVALUATIONS
+
+
+class SolveOptions(eqx.Module):
+    """The options every solve of the package takes, checked once (see
+    [`scoreflow_eqx.ode_nll`][] for their meaning)."""
+
+    solver: dfx.AbstractSolver
+    stepsize_controller: dfx.AbstractStepSizeController
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int | None = eqx.field(static=True)
+    adjoint: dfx.AbstractAdjoint
+    throw: bool = eqx.field(static=True)
+    progress_meter: dfx.AbstractProgressMeter
+
+    def __check_init__(self):
+        if not isinstance(self.solver, dfx.AbstractSolver):
+            raise TypeError(f"`solver` must be a diffrax solver, got {type(self.solver).__name__}.")
+        evaluations_per_step(self.solver)  # refuse solvers whose NFE we cannot count
+        check_max_steps(self.max_steps)
+        check_adjoint(self.adjoint)
+
+    def solve(
+        self,
+        vector_field: Callable,
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: PyTree[Array],
+        args: PyTree = None,
+    ) -> tuple[dfx.Solution, Int[Array, ""]]:
+        """`diffrax.diffeqsolve` of `dy/dt = vector_field(t, y, args)` from `t0` to `t1`
+        (either direction), and the number of evaluations of `vector_field`."""
+        dt0, extra = first_step(
+            vector_field, self.solver, self.stepsize_controller, t0, t1, y0, args, self.dt0
+        )
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(vector_field),
+            self.solver,
+            t0,
+            t1,
+            dt0,
+            y0,
+            args,
+            stepsize_controller=self.stepsize_controller,
+            max_steps=self.max_steps,
+            adjoint=self.adjoint,
+            throw=self.throw,
+            progress_meter=self.progress_meter,
+        )
+        return sol, num_function_evaluations(self.solver, sol.stats["num_steps"]) + extra
+
+
+def solve_options(
+    *,
+    solver: dfx.AbstractSolver,
+    stepsize_controller: dfx.AbstractStepSizeController | None,
+    rtol: float | None,
+    atol: float | None,
+    dt0: float | None,
+    max_steps: int | None,
+    adjoint: dfx.AbstractAdjoint,
+    throw: bool,
+    progress_meter: dfx.AbstractProgressMeter,
+) -> SolveOptions:
+    """Validate the solve arguments of a public function and bundle them."""
+    if isinstance(solver, dfx.AbstractAdaptiveSolver) or stepsize_controller is not None:
+        controller = resolve_controller(stepsize_controller, rtol, atol)
+    else:
+        if rtol is not None or atol is not None:
+            raise ValueError(
+                f"`rtol`/`atol` need an adaptive solver; {type(solver).__name__} takes fixed "
+                "steps of `dt0`."
+            )
+        controller = dfx.ConstantStepSize()
+    return SolveOptions(
+        solver=solver,
+        stepsize_controller=controller,
+        dt0=dt0,
+        max_steps=max_steps,
+        adjoint=adjoint,
+        throw=throw,
+        progress_meter=progress_meter,
+    )

@@ -46,7 +46,7 @@ class ImportanceSampler(eqx.Module):
     @property
     def Z(self) -> Scalar:
         """The normaliser `Z = int_eps^T g(t)^2 / sigma_t^2 dt`."""
-        a = self.sde.log_snr_antiderivative
+        a = self.sde.neg_log_snr
         return a(self.sde.T) - a(self.eps)
 
     def pdf(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
@@ -59,14 +59,14 @@ class ImportanceSampler(eqx.Module):
 
     def cdf(self, t: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         """The proposal's CDF, `(A(t) - A(eps)) / Z`."""
-        a = self.sde.log_snr_antiderivative
+        a = self.sde.neg_log_snr
         t = jnp.clip(jnp.asarray(t), self.eps, self.sde.T)
         return (a(t) - a(self.eps)) / self.Z
 
     def icdf(self, u: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         """The inverse CDF: the `t` in `[eps, T]` with `cdf(t) = u`, for `u` in `[0, 1]`."""
-        a_eps = self.sde.log_snr_antiderivative(self.eps)
-        t = self.sde.inverse_log_snr_antiderivative(a_eps + jnp.asarray(u) * self.Z)
+        a_eps = self.sde.neg_log_snr(self.eps)
+        t = self.sde.inverse_neg_log_snr(a_eps + jnp.asarray(u) * self.Z)
         return jnp.clip(t, self.eps, self.sde.T)
 
     def sample(self, key: PRNGKeyArray, shape: tuple[int, ...] = ()) -> Float[Array, "..."]:

@@ -7,7 +7,6 @@ from ._dequantizers import (
 from ._discretization import Discretization as Discretization
 from ._pipeline import (
     ArraySource as ArraySource,
-    Dequantize as Dequantize,
     make_pipeline as make_pipeline,
 )
 from ._sources import (

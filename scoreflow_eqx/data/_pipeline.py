@@ -1,4 +1,6 @@
-"""grain input pipelines: shuffle, repeat, batch, dequantize; per-process slices."""
+"""grain input pipelines: shuffle, repeat, batch; per-process slices. Batches of discrete
+data are integer levels: they are dequantized on device, inside the training step, by the
+same dequantizer objects that evaluation uses (`scoreflow_eqx.data.UniformDequantizer`)."""
 
 import grain
 import jax
@@ -31,26 +33,6 @@ class ArraySource:
         )
 
 
-class Dequantize(grain.transforms.RandomMap):
-    """Uniform dequantization of a batch of levels: `x = a (k + u) / K + b` with
-    `u ~ U[0, 1)` (via [`scoreflow_eqx.data.Discretization.dequantize`][]); continuous
-    data are only cast to `dtype`."""
-
-    def __init__(self, discretization: Discretization, dtype=np.float32):
-        self.discretization = discretization
-        self.dtype = np.dtype(dtype)
-
-    def random_map(self, element: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self.discretization.num_levels is None:
-            return np.asarray(element, dtype=self.dtype)
-        u = rng.uniform(size=element.shape)
-        x = self.discretization.dequantize(element.astype(np.int32), u)
-        return np.asarray(x, dtype=self.dtype)
-
-    def __repr__(self) -> str:
-        return f"Dequantize({self.discretization!r}, dtype={self.dtype.str})"
-
-
 def make_pipeline(
     data: Dataset | np.ndarray,
     *,
@@ -64,16 +46,16 @@ def make_pipeline(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """A deterministic, checkpointable grain pipeline of dequantized batches.
+    """A deterministic, checkpointable grain pipeline of batches.
 
     `MapDataset.source(...)[process_index::process_count].seed(seed).shuffle().repeat()
-    .batch(drop_remainder=True).random_map(Dequantize(...)).to_iter_dataset()`.
+    .batch(drop_remainder=True).to_iter_dataset()`.
 
     Iterate with `it = iter(pipeline)`; `it.get_state()` / `it.set_state(state)` (or
     `grain.checkpoint.CheckpointSave(it)` with orbax) resume at the identical next
-    batch. The dequantization noise is seeded by the seed and the batch index, so it is
-    reproduced exactly too. (Dequantization runs once per batch: one vectorised call
-    instead of one per example.)
+    batch. Discrete data come out as their integer levels (dequantize them on device
+    with a [`scoreflow_eqx.data.AbstractDequantizer`][], as `sf.train` does), continuous
+    data as floats of `dtype`.
 
     **Arguments:**
 
@@ -84,7 +66,7 @@ def make_pipeline(
     - `seed`: shuffling and dequantization seed.
     - `discretization`: required for arrays; taken from the dataset otherwise.
     - `shuffle`, `repeat`: shuffle every epoch; repeat forever.
-    - `dtype`: the output dtype.
+    - `dtype`: the dtype of continuous data (levels keep their integer dtype).
     - `process_index`, `process_count`: this process's slice of the data (default
         `jax.process_index()` / `jax.process_count()`).
 
@@ -118,5 +100,18 @@ def make_pipeline(
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.random_map(Dequantize(discretization, dtype))
+    if not discretization.is_discrete:
+        ds = ds.map(_Cast(dtype))
     return ds.to_iter_dataset()
+
+
+class _Cast(grain.transforms.Map):
+    # A named transform with a stable repr (grain checks reprs when restoring state).
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+
+    def map(self, element: np.ndarray) -> np.ndarray:
+        return np.asarray(element, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return f"Cast({self.dtype.str})"

@@ -68,8 +68,13 @@ ARGS = parse_args()
 jax.config.update("jax_enable_x64", not ARGS.float32)
 
 import scoreflow_eqx as sf  # noqa: E402
-from scoreflow_eqx._divergence import sample_probes  # noqa: E402
-from scoreflow_eqx._likelihood import _augmented_vector_field  # noqa: E402
+from scoreflow_eqx._likelihood import augmented_vector_field  # noqa: E402
+
+
+def estimator(divergence: str, jacobian_mode: str) -> sf.AbstractDivergence:
+    if divergence == "exact":
+        return sf.ExactTrace(mode=jacobian_mode)
+    return sf.Hutchinson(mode=jacobian_mode)
 
 
 DTYPE = jnp.float32 if ARGS.float32 else jnp.float64
@@ -175,11 +180,11 @@ def probes_for(key, xs, divergence):
     if divergence == "exact":
         return None
     keys = jr.split(key, xs.shape[0])
-    return jax.vmap(lambda k: sample_probes(k, xs.shape[1:], xs.dtype))(keys)
+    return jax.vmap(lambda x, k: sf.Hutchinson().init(x, key=k))(xs, keys)
 
 
 def make_solve(divergence, jacobian_mode, solver, mode):
-    kwargs = dict(divergence=divergence, jacobian_mode=jacobian_mode, solver=solver)
+    kwargs = dict(divergence=estimator(divergence, jacobian_mode), solver=solver)
 
     @eqx.filter_jit
     def solve(flow, xs, key, tol):
@@ -211,7 +216,7 @@ def timed(fn, *args, repeats):
 def make_floor(divergence, jacobian_mode):
     @eqx.filter_jit
     def loop(flow, xs, probes, n):
-        vf = _augmented_vector_field(flow, divergence, jacobian_mode, None)
+        vf = augmented_vector_field(flow, estimator(divergence, jacobian_mode))
         bvf = jax.vmap(vf, in_axes=(None, 0, None if probes is None else 0))
         zeros = jnp.zeros(xs.shape[0], xs.dtype)
 
@@ -251,7 +256,7 @@ def scipy_reference(flow, xs, probes, divergence, jacobian_mode, tol):
 
     shape = xs.shape
     batch, d = shape[0], math.prod(shape[1:])
-    vf = _augmented_vector_field(flow, divergence, jacobian_mode, None)
+    vf = augmented_vector_field(flow, estimator(divergence, jacobian_mode))
     bvf = jax.vmap(vf, in_axes=(None, 0, None if probes is None else 0))
 
     @jax.jit

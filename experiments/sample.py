@@ -18,6 +18,7 @@ import os
 import time
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -48,28 +49,65 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="samples per jit call")
     p.add_argument("--raw", action="store_true", help="raw parameters instead of EMA")
-    p.add_argument("--num-steps", type=int, default=1000, help="steps of sde / pc")
-    p.add_argument("--snr", type=float, default=0.16, help="pc corrector SNR")
-    p.add_argument("--corrector-steps", type=int, default=1, help="Langevin steps per pc step")
+    p.add_argument("--num-steps", type=int, help="sde / pc only: time steps (default 1000)")
+    p.add_argument("--snr", type=float, help="pc only: corrector SNR (default 0.16)")
+    p.add_argument(
+        "--corrector-steps", type=int, help="pc only: Langevin steps per step (default 1; 0: none)"
+    )
     p.add_argument(
         "--predictor",
         choices=("reverse_diffusion", "euler_maruyama"),
-        default="reverse_diffusion",
+        help="pc only (default reverse_diffusion)",
     )
-    p.add_argument("--rtol", type=float, default=1e-5, help="ode tolerance")
-    p.add_argument("--atol", type=float, default=1e-5, help="ode tolerance")
+    p.add_argument("--rtol", type=float, help="ode only: tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, help="ode only: tolerance (default 1e-5)")
     p.add_argument("--denoise", action="store_true", help="final Tweedie step")
     p.add_argument("--sde", choices=("vp", "subvp", "ve"), default="vp", help="SDE of --demo")
     p.add_argument("--quick", action="store_true", help="smoke test: few samples and steps")
     args = p.parse_args(argv)
+    applies = {
+        "num_steps": ("sde", "pc"),
+        "snr": ("pc",),
+        "corrector_steps": ("pc",),
+        "predictor": ("pc",),
+        "rtol": ("ode",),
+        "atol": ("ode",),
+    }
+    for name, methods in applies.items():
+        if getattr(args, name) is not None and args.method not in methods:
+            p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
     if args.quick:
         args.num = min(args.num, 16)
-        args.num_steps = min(args.num_steps, 20)
-        args.rtol = max(args.rtol, 1e-3)
-        args.atol = max(args.atol, 1e-3)
-    if args.num < 1 or args.batch_size < 1:
-        p.error("--num and --batch-size must be positive")
+        args.num_steps = min(args.num_steps or 20, 20)
+        args.rtol = max(args.rtol or 1e-3, 1e-3)
+        args.atol = max(args.atol or 1e-3, 1e-3)
+    for name in ("num", "batch_size", "num_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.corrector_steps is not None and args.corrector_steps < 0:
+        p.error("--corrector-steps must be >= 0")
+    for name in ("snr", "rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name} must be a finite number > 0")
     return args
+
+
+def make_sampler(args) -> sf.AbstractSampler:
+    """The sampler object the flags describe."""
+    if args.method == "ode":
+        pid = dfx.PIDController(rtol=args.rtol or 1e-5, atol=args.atol or 1e-5)
+        return sf.ProbabilityFlow(stepsize_controller=pid)
+    num_steps = args.num_steps or 1000
+    if args.method == "sde":
+        return sf.ReverseSDE(num_steps=num_steps)
+    predictor = {
+        "reverse_diffusion": sf.ReverseDiffusionPredictor(),
+        "euler_maruyama": sf.EulerMaruyamaPredictor(),
+    }[args.predictor or "reverse_diffusion"]
+    n = 1 if args.corrector_steps is None else args.corrector_steps
+    corrector = None if n == 0 else sf.LangevinCorrector(snr=args.snr or 0.16, num_steps=n)
+    return sf.PredictorCorrector(predictor=predictor, corrector=corrector, num_steps=num_steps)
 
 
 def demo_flow(sde_name: str):
@@ -90,21 +128,15 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def draw(flow, shape, args):
-    kwargs = dict(method=args.method, denoise=args.denoise, throw=False)
-    if args.method == "ode":
-        kwargs.update(rtol=args.rtol, atol=args.atol)
-    else:
-        kwargs.update(num_steps=args.num_steps)
-    if args.method == "pc":
-        kwargs.update(
-            predictor=args.predictor,
-            num_corrector_steps=args.corrector_steps,
-            snr=args.snr,
-        )
+    sampler = make_sampler(args)
 
-    @jax.jit
-    def batch(keys):
-        return jax.vmap(lambda k: sf.sample(flow, shape, key=k, **kwargs))(keys)
+    # The flow is an argument of the compiled function (not constants baked into it).
+    @eqx.filter_jit
+    def batch(flow, keys):
+        def one(k):
+            return sf.sample(flow, shape, key=k, sampler=sampler, denoise=args.denoise, throw=False)
+
+        return jax.vmap(one)(keys)
 
     keys = jr.split(jr.key(args.seed), args.num)
     xs, nfes, oks = [], [], []
@@ -114,9 +146,9 @@ def draw(flow, shape, args):
             chunk = keys[i : i + args.batch_size]
             if len(chunk) < args.batch_size and i > 0:  # reuse the compiled shape
                 pad = jnp.concatenate([chunk, keys[: args.batch_size - len(chunk)]])
-                res = jax.tree.map(lambda a: a[: len(chunk)], batch(pad))
+                res = jax.tree.map(lambda a: a[: len(chunk)], batch(flow, pad))
             else:
-                res = batch(chunk)
+                res = batch(flow, chunk)
             res = jax.block_until_ready(res)
             xs.append(np.asarray(res.x))
             nfes.append(np.asarray(res.nfe))

@@ -22,11 +22,18 @@ import sys
 import time
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default only when it has one (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument(
         "--dataset",
@@ -37,75 +44,80 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument(
         "--num-levels",
         type=int,
-        default=None,
         help="levels of a user file's integer data (omit for continuous data)",
     )
     d.add_argument(
         "--data-range",
         type=float,
         nargs=2,
-        default=None,
         metavar=("LOW", "HIGH"),
         help="model-space range of a user file's levels (default -1 1)",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"])
-    m.add_argument("--beta-min", type=float, default=0.1, help="VP/subVP")
-    m.add_argument("--beta-max", type=float, default=20.0, help="VP/subVP")
-    m.add_argument("--sigma-min", type=float, default=0.01, help="VE")
-    m.add_argument("--sigma-max", type=float, default=50.0, help="VE")
+    m.add_argument("--sde", default="vp", choices=["vp", "subvp", "ve"], help="the SDE")
+    m.add_argument("--beta-min", type=float, help="VP/subVP only (default 0.1)")
+    m.add_argument("--beta-max", type=float, help="VP/subVP only (default 20)")
+    m.add_argument("--sigma-min", type=float, help="VE only (default 0.01)")
+    m.add_argument("--sigma-max", type=float, help="VE only (default 50)")
     m.add_argument(
         "--net",
-        default=None,
         choices=["mlp", "unet"],
         help="default: unet for images (the 'digits' preset on 8x8), mlp otherwise",
     )
-    m.add_argument("--width", type=int, default=256, help="MLP hidden width")
-    m.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
+    m.add_argument("--width", type=int, help="MLP only: hidden width (default 256)")
+    m.add_argument("--depth", type=int, help="MLP only: hidden layers (default 3)")
     m.add_argument(
         "--net-kwargs",
         type=json.loads,
         default={},
-        help="extra JSON keyword arguments of the net, e.g. '{\"hidden_size\": 64}'",
+        help="extra JSON keyword arguments of the net, e.g. "
+        "'{\"base_channels\": 16}' for the U-Net or '{\"embedding_dim\": 64}' for the MLP",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--weighting", default="likelihood", choices=["likelihood", "score_sde"])
+    t.add_argument(
+        "--weighting",
+        default="likelihood",
+        choices=["likelihood", "score_sde"],
+        help="lambda(t) = g^2 (likelihood) or sigma^2 (score_sde)",
+    )
     t.add_argument(
         "--importance-sampling",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="draw t from the importance-sampling proposal",
     )
-    t.add_argument("--steps", type=int, default=None, help="default: 2600 images, 6000 else")
-    t.add_argument("--batch-size", type=int, default=None, help="default: 64 images, 128 else")
-    t.add_argument("--lr", type=float, default=None, help="default: 1.5e-3 images, 2e-3 else")
+    t.add_argument("--steps", type=int, help="default: 2600 images, 6000 else")
+    t.add_argument("--batch-size", type=int, help="default: 64 images, 128 else")
+    t.add_argument("--lr", type=float, help="default: 1.5e-3 images, 2e-3 else")
     t.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument(
-        "--ema-decay", type=float, default=None, help="default: 0.998 images, 0.999 else"
-    )
+    t.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clipping (> 0)")
+    t.add_argument("--ema-decay", type=float, help="default: 0.998 images, 0.999 else")
     t.add_argument(
         "--steps-per-jit",
         type=int,
-        default=None,
         help="training steps per compiled call (a lax.scan); default: 5 images, 1 else "
         "(the U-Net runs 1.5x faster per step inside a scan on CPU, the MLP slower: "
         "benchmarks/train_step.py)",
     )
-    t.add_argument("--checkpoint-every", type=int, default=1000)
-    t.add_argument("--log-every", type=int, default=100)
+    t.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint period")
+    t.add_argument("--log-every", type=int, default=100, help="metrics period")
     t.add_argument("--eval-every", type=int, default=0, help="test bits/dim (bound) every N steps")
     t.add_argument(
-        "--eval-ode-every",
-        type=int,
-        default=0,
-        help="test bits/dim (ODE) every N steps",
+        "--eval-ode-every", type=int, default=0, help="test bits/dim (ODE) every N steps"
     )
     t.add_argument("--workdir", required=True, help="checkpoints, logs and results")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the model, data order and noise")
+    t.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="resume a run although this training setting differs from the checkpointed "
+        "one (e.g. lr; repeatable)",
+    )
     e = p.add_argument_group("final evaluation")
-    e.add_argument("--eval-examples", type=int, default=None, help="test examples (default all)")
-    e.add_argument("--eval-batch-size", type=int, default=64)
+    e.add_argument("--eval-examples", type=int, help="test examples (default all)")
+    e.add_argument("--eval-batch-size", type=int, default=64, help="examples per compiled batch")
     e.add_argument(
         "--bound-num-t",
         type=int,
@@ -117,7 +129,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--quick", action="store_true", help="a tiny smoke-test run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_net_flags(args) -> None:
+    if args.width is not None or args.depth is not None:
+        raise SystemExit(
+            "error: --width/--depth are MLP options (the net is the U-Net); for the U-Net "
+            "use --net-kwargs, e.g. '{\"base_channels\": 16}'"
+        )
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse flags that do not apply, and bad values, before any work."""
+    if args.sde == "ve":
+        wrong = [f for f in ("beta_min", "beta_max") if getattr(args, f) is not None]
+    else:
+        wrong = [f for f in ("sigma_min", "sigma_max") if getattr(args, f) is not None]
+    if wrong:
+        flags = ", ".join("--" + f.replace("_", "-") for f in wrong)
+        p.error(f"{flags} do(es) not apply to --sde {args.sde}")
+    if args.net == "unet":
+        check_net_flags(args)
+    if not isinstance(args.net_kwargs, dict):
+        p.error("--net-kwargs must be a JSON object, e.g. '{\"base_channels\": 16}'")
+    positive = ("steps", "batch_size", "warmup", "checkpoint_every", "log_every", "seed",
+                "eval_examples", "eval_batch_size", "bound_num_t", "num_samples",
+                "steps_per_jit", "width", "depth", "num_levels")  # fmt: skip
+    for name in positive:
+        value = getattr(args, name)
+        low = 0 if name in ("warmup", "seed") else 1
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("eval_every", "eval_ode_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("lr", "grad_clip", "rtol", "beta_min", "beta_max", "sigma_min", "sigma_max"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
 
 
 # Defaults by kind of data; the image defaults are the README's digits job, chosen to train
@@ -135,13 +189,14 @@ def resolve_defaults(args, data_shape) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.net == "unet":
+        check_net_flags(args)
     if args.quick:
         args.steps = min(args.steps, 30)
         args.batch_size = min(args.batch_size, 32)
         args.warmup = min(args.warmup, 5)
         args.checkpoint_every = min(args.checkpoint_every, 15)
         args.log_every = min(args.log_every, 10)
-        args.width = min(args.width, 64)
         args.eval_examples = min(args.eval_examples or 16, 16)
         args.num_samples = min(args.num_samples, 16)
         args.bound_num_t = min(args.bound_num_t, 10)
@@ -152,13 +207,19 @@ def resolve_defaults(args, data_shape) -> argparse.Namespace:
 
 def sde_kwargs(args) -> dict:
     if args.sde == "ve":
-        return {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max}
-    return {"beta_min": args.beta_min, "beta_max": args.beta_max}
+        names, defaults = ("sigma_min", "sigma_max"), (0.01, 50.0)
+    else:
+        names, defaults = ("beta_min", "beta_max"), (0.1, 20.0)
+    return {n: d if getattr(args, n) is None else getattr(args, n) for n, d in zip(names, defaults)}
 
 
 def net_kwargs(args, data_shape) -> dict:
     if args.net == "mlp":
-        return {"width_size": args.width, "depth": args.depth, **args.net_kwargs}
+        width = 256 if args.width is None else args.width
+        depth = 3 if args.depth is None else args.depth
+        if args.quick:
+            width = min(width, 64)
+        return {"width_size": width, "depth": depth, **args.net_kwargs}
     if not args.net_kwargs and tuple(data_shape) == (1, 8, 8):
         from scoreflow_eqx.nets import UNET_PRESETS
 
@@ -175,12 +236,16 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
     import jax.random as jr
 
     test = dataset.test if args.eval_examples is None else dataset.test[: args.eval_examples]
+    import diffrax as dfx
+
     results = {}
-    options = {
-        "bound": {"num_t": args.bound_num_t},
-        "ode": {"rtol": args.rtol, "atol": args.rtol},
+    methods = {
+        "bound": sf.BoundLikelihood(num_t=args.bound_num_t),
+        "ode": sf.ODELikelihood(
+            stepsize_controller=dfx.PIDController(rtol=args.rtol, atol=args.rtol)
+        ),
     }
-    for i, method in enumerate(("bound", "ode")):
+    for i, (name, method) in enumerate(methods.items()):
         t0 = time.perf_counter()
         res = sf.evaluate_bpd(
             flow,
@@ -190,10 +255,9 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
             method=method,
             batch_size=args.eval_batch_size,
             show_progress=not args.no_progress,
-            **options[method],
         )
         seconds = time.perf_counter() - t0
-        results[method] = {
+        results[name] = {
             "bpd": float(res.bpd),
             "ci95": float(res.ci95),
             "nfe_mean": float(res.nfe_mean),
@@ -203,7 +267,7 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
             "seconds": seconds,
         }
         print(
-            f"test bits/dim ({method}): {res.bpd:.4f} +- {res.ci95:.4f} (95% CI), "
+            f"test bits/dim ({name}): {res.bpd:.4f} +- {res.ci95:.4f} (95% CI), "
             f"NFE mean {res.nfe_mean:.0f} max {res.nfe_max:.0f}, "
             f"{res.num_failed} failed, {res.num_examples} examples, {seconds:.0f} s"
         )
@@ -211,6 +275,7 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
 
 
 def save_samples(sf, flow, dataset, args, key) -> str | None:
+    import equinox as eqx
     import jax
     import jax.random as jr
 
@@ -219,8 +284,11 @@ def save_samples(sf, flow, dataset, args, key) -> str | None:
     from scoreflow_eqx.plotting import save_image_grid
 
     keys = jr.split(key, args.num_samples)
-    draw = jax.jit(jax.vmap(lambda k: sf.sample(flow, dataset.data_shape, key=k, method="ode")))
-    samples = draw(keys).x
+    # The flow is an argument of the compiled function, not a constant baked into it.
+    draw = eqx.filter_jit(
+        lambda flow, keys: jax.vmap(lambda k: sf.sample(flow, dataset.data_shape, key=k))(keys)
+    )
+    samples = draw(flow, keys).x
     path = os.path.join(args.workdir, "samples.png")
     save_image_grid(
         samples,
@@ -286,6 +354,7 @@ def main(argv=None) -> dict:
         eval_batch_size=args.eval_batch_size,
         steps_per_jit=args.steps_per_jit,
         flow_config=cfg,
+        allow_changes=tuple(args.allow_change),
         config={"argv": sys.argv[1:] if argv is None else list(argv)},
         show_progress=not args.no_progress,
     )

@@ -180,6 +180,6 @@ def nll_bound(
         eps_correction=correction,
         stderr=jnp.sqrt(variance),
         nfe=jnp.asarray(nfe),
-        result=dfx.RESULTS.where(ok, dfx.RESULTS.successful, dfx.RESULTS.nonfinite_input),
+        result=dfx.RESULTS.where(ok, dfx.RESULTS.successful, dfx.RESULTS.nonfinite_input),  # pyright: ignore[reportArgumentType]
         stats={"num_t": num_t, "num_eps_samples": num_eps_samples if eps_correction else 0},
     )

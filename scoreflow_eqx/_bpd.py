@@ -65,8 +65,8 @@ def _check_data(data, discretization: Discretization) -> np.ndarray:
             "`data` must have shape (num_examples, *data_shape) with at least one "
             f"example, got shape {data.shape}."
         )
-    if discretization.is_discrete:
-        k = discretization.num_levels
+    k = discretization.num_levels
+    if k is not None:
         if not np.issubdtype(data.dtype, np.integer):
             raise ValueError(
                 f"`discretization` has num_levels={k}, so `data` must hold the integer "
@@ -111,7 +111,7 @@ def _dequantizer_for(discretization: Discretization, dequantizer) -> Dequantizer
             "`dequantizer` must be a scoreflow_eqx.data.AbstractDequantizer (or a callable "
             f"`dequantizer(k, *, key) -> (x, log_q)`), got {type(dequantizer).__name__}."
         )
-    return dequantizer
+    return dequantizer  # pyright: ignore[reportReturnType]
 
 
 @eqx.filter_jit

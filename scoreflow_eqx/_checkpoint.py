@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -53,7 +54,7 @@ def unflatten_by_path(template: PyTree, flat: dict[str, Any], *, where: str) -> 
 
 
 def _array_bytes(x) -> bytes:
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     return np.ascontiguousarray(np.asarray(x)).tobytes()
 
@@ -67,7 +68,7 @@ def abstract_like(tree, sharding: jax.sharding.Sharding | None = None):
     """`jax.ShapeDtypeStruct`s (with `sharding`) for every array leaf of `tree`."""
 
     def leaf(x):
-        s = ocp.utils.to_shape_dtype_struct(x)
+        s: Any = ocp.utils.to_shape_dtype_struct(x)
         if sharding is not None:
             s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
         return s
@@ -83,6 +84,15 @@ class Restored:
     items: dict[str, PyTree]
     step: int
     record: dict | None
+
+
+def _same_array_type(stored, abstract) -> bool:
+    if tuple(stored.shape) != tuple(abstract.shape):
+        return False
+    dtype = getattr(stored, "dtype", None)
+    if dtype is None or jnp.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+        return True
+    return np.dtype(dtype) == np.dtype(abstract.dtype)
 
 
 class _ChecksumError(RuntimeError):
@@ -161,8 +171,10 @@ class Checkpointer:
         if reserved:
             raise ValueError(f"Item names {sorted(reserved)} are reserved.")
         flat = {name: flatten_by_path(tree) for name, tree in items.items()}
-        args: dict[str, Any] = {name: ocp.args.StandardSave(f) for name, f in flat.items()}
-        sums = {n: checksums(f) for n, f in flat.items()}
+        # orbax refuses empty items (e.g. the state of a stateless optimizer): their
+        # (empty) checksums record them.
+        args: dict[str, Any] = {n: ocp.args.StandardSave(f) for n, f in flat.items() if f}
+        sums: dict[str, Any] = {n: checksums(f) for n, f in flat.items()}
         sums[RECORD_ITEM] = _record_checksum(record or {})
         args[CHECKSUM_ITEM] = ocp.args.JsonSave(sums)
         args[RECORD_ITEM] = ocp.args.JsonSave(record or {})
@@ -181,7 +193,10 @@ class Checkpointer:
     def layout(self, step: int) -> str:
         """`"paths"` (this layout) or `"leaf-lists"` (the first layout of the package,
         which stored every pytree as a list of leaves and its record as `config`)."""
-        tree = self._item_tree(step, "params")
+        try:
+            tree = self._item_tree(step, "params")
+        except Exception:  # noqa: BLE001 - unreadable: restoring it will fail and say why
+            return "paths"
         return "leaf-lists" if isinstance(tree, list | tuple) else "paths"
 
     def restore(
@@ -255,17 +270,21 @@ class Checkpointer:
             )
         abstract = {}
         for name, template in templates.items():
+            if not flatten_by_path(template):
+                continue  # an empty item: nothing stored
             stored = self._item_tree(step, name)
             if stored is None:
                 raise CheckpointMismatchError(f"The checkpoint at step {step} has no {name!r}.")
             flat = flatten_by_path(template)
             unflatten_by_path(template, dict(stored), where=f"{name!r} at step {step}")
-            bad = [k for k, x in flat.items() if tuple(stored[k].shape) != tuple(x.shape)]
+            bad = [k for k, x in flat.items() if not _same_array_type(stored[k], x)]
             if bad:
+                k = bad[0]
                 raise CheckpointMismatchError(
-                    f"{name!r} at step {step} holds arrays of other shapes than the structure "
-                    f"it is restored into, e.g. {bad[0]}: {tuple(stored[bad[0]].shape)} vs "
-                    f"{tuple(flat[bad[0]].shape)}. It was written for another model."
+                    f"{name!r} at step {step} holds arrays of other shapes or dtypes than the "
+                    f"structure it is restored into, e.g. {k}: {tuple(stored[k].shape)} "
+                    f"{stored[k].dtype} vs {tuple(flat[k].shape)} {flat[k].dtype}. It was "
+                    "written for another model."
                 )
             abstract[name] = flat
         return abstract
@@ -288,18 +307,16 @@ class Checkpointer:
             args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         expected = restored[CHECKSUM_ITEM]
+        values = {n: restored[n] if n in abstract else {} for n in templates}
         for name in templates:
-            if checksums(restored[name]) != expected.get(name):
-                bad = [
-                    k
-                    for k, v in checksums(restored[name]).items()
-                    if expected.get(name, {}).get(k) != v
-                ]
+            got = checksums(values[name])
+            if got != expected.get(name):
+                bad = [k for k, v in got.items() if expected.get(name, {}).get(k) != v]
                 raise _ChecksumError(f"{name!r} fails its checksums (e.g. {bad[:3]})")
         if _record_checksum(restored[RECORD_ITEM]) != expected.get(RECORD_ITEM):
             raise _ChecksumError("the run record fails its checksum")
         items = {
-            n: unflatten_by_path(t, restored[n], where=f"{n!r} at step {step}")
+            n: unflatten_by_path(t, values[n], where=f"{n!r} at step {step}")
             for n, t in templates.items()
         }
         return Restored(items=items, step=step, record=restored[RECORD_ITEM])

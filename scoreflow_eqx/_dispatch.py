@@ -21,8 +21,8 @@ _State = TypeVar("_State")
 
 
 def _merge(mask: tuple[bool, ...], arrays, static: tuple[Any, ...]) -> list[Any]:
-    arrays, static = iter(arrays), iter(static)
-    return [next(arrays) if is_array else next(static) for is_array in mask]
+    array_iter, static_iter = iter(arrays), iter(static)
+    return [next(array_iter) if is_array else next(static_iter) for is_array in mask]
 
 
 class StateStepJit:
@@ -76,7 +76,8 @@ class StateStepJit:
         if compiled is None:
             compiled = self._compiled[cache_key] = self._compile(treedef, mask, static)
         arrays = [x for x, is_array in zip(leaves, mask) if is_array]
-        if self._in_flight is not None and len(self._in_flight) >= self._max_in_flight:
+        limit = self._max_in_flight
+        if self._in_flight is not None and limit is not None and len(self._in_flight) >= limit:
             jax.block_until_ready(self._in_flight.popleft())
         new_arrays, out = compiled(batch, arrays)
         if self._in_flight is not None:

@@ -87,7 +87,7 @@ def _collect(flow, sol, nfe, ok, batched: bool) -> ODENLLResult:
     # batched solve) reports it.
     (z,), (delta,) = sol.ys
     prior_logp = (jax.vmap(flow.sde.prior_logp) if batched else flow.sde.prior_logp)(z)
-    result = dfx.RESULTS.where(jnp.all(ok), sol.result, dfx.RESULTS.nonfinite_input)
+    result = dfx.RESULTS.where(jnp.all(ok), sol.result, dfx.RESULTS.nonfinite_input)  # pyright: ignore[reportArgumentType]
     good = dfx.is_successful(sol.result) & ok
     nll = jnp.where(good, -(prior_logp + delta), jnp.nan)
     return ODENLLResult(
@@ -297,6 +297,7 @@ def ode_nll_batched_with(
     if divergence.needs_key:
         if key is None:
             divergence.init(xs[0], key=None)  # raises the estimator's own error
+        assert key is not None
         keys = key if _is_key_batch(key, batch) else jr.split(key, batch)
         state = jax.vmap(lambda x, k: divergence.init(x, key=k))(xs, keys)
         state_axis = 0

@@ -53,7 +53,7 @@ def brownian_motion(
     if tol is None:
         tol = (hi - lo) / 2000
     shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
-    return dfx.VirtualBrownianTree(lo, hi, tol=tol, shape=shape, key=key)
+    return dfx.VirtualBrownianTree(lo, hi, tol=tol, shape=shape, key=key)  # pyright: ignore
 
 
 class AbstractSDE(eqx.Module):

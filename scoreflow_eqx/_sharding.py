@@ -2,6 +2,7 @@
 replicated (the `eqx.filter_shard` idiom, which needs `AxisType.Auto` axes)."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 BATCH_AXIS = "batch"
 
 
-def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+def data_parallel_mesh(devices: Sequence[Any] | None = None) -> Mesh:
     """A 1-D mesh named `"batch"` over `devices` (default: all devices, of every
     process), with `AxisType.Auto` so that `eqx.filter_shard` /
     `with_sharding_constraint` work."""

@@ -84,7 +84,7 @@ def initial_step_size(
     length = jnp.abs(jnp.asarray(t1) - jnp.asarray(t0))
     error_order = controller.error_order
     if error_order is None:
-        error_order = solver.error_order(dfx.ODETerm(vector_field))
+        error_order = solver.error_order(dfx.ODETerm(vector_field))  # pyright: ignore
     if error_order is None:
         raise ValueError(
             f"{type(solver).__name__} has no error estimate to choose a first step from: "
@@ -95,12 +95,12 @@ def initial_step_size(
     def scaled_norm(tree):
         return controller.norm(jax.tree.map(lambda x, s: x / s, tree, scale))
 
-    f0 = vector_field(t0, y0, args)
+    f0 = vector_field(t0, y0, args)  # pyright: ignore[reportArgumentType]
     d0, d1 = scaled_norm(y0), scaled_norm(f0)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
     h0 = jnp.minimum(h0, length)
     y1 = jax.tree.map(lambda y, f: y + (direction * h0).astype(y.dtype) * f, y0, f0)
-    f1 = vector_field(t0 + direction * h0, y1, args)
+    f1 = vector_field(t0 + direction * h0, y1, args)  # pyright: ignore[reportArgumentType]
     d2 = scaled_norm(jax.tree.map(jnp.subtract, f1, f0)) / h0
     max_d = jnp.maximum(d1, d2)
     h1 = jnp.where(
@@ -117,7 +117,17 @@ def _pid(controller: dfx.AbstractStepSizeController) -> dfx.PIDController | None
     return controller if isinstance(controller, dfx.PIDController) else None
 
 
+def _concrete(value) -> bool:
+    try:
+        float(value)
+    except Exception:  # noqa: BLE001 - a tracer (a traced jit argument) or not a number
+        return not isinstance(value, jax.Array)
+    return True
+
+
 def _check_tolerance(name: str, value) -> None:
+    if not _concrete(value):
+        return  # a traced tolerance (e.g. a jit argument) cannot be checked here
     try:
         ok = math.isfinite(float(value)) and float(value) >= 0
     except (TypeError, ValueError):
@@ -157,7 +167,8 @@ def resolve_controller(
     if pid is not None:
         _check_tolerance("rtol", pid.rtol)
         _check_tolerance("atol", pid.atol)
-        if float(pid.rtol) == 0 and float(pid.atol) == 0:
+        concrete = _concrete(pid.rtol) and _concrete(pid.atol)
+        if concrete and float(pid.rtol) == 0 and float(pid.atol) == 0:
             raise ValueError("`rtol` and `atol` cannot both be 0.")
     return controller
 
@@ -236,12 +247,12 @@ class SolveOptions(eqx.Module):
         dt0, extra = first_step(
             vector_field, self.solver, self.stepsize_controller, t0, t1, y0, args, self.dt0
         )
-        sol = dfx.diffeqsolve(
+        sol = dfx.diffeqsolve(  # pyright: ignore[reportArgumentType] (jaxtyping vs diffrax aliases)
             dfx.ODETerm(vector_field),
             self.solver,
-            t0,
-            t1,
-            dt0,
+            t0,  # pyright: ignore[reportArgumentType]
+            t1,  # pyright: ignore[reportArgumentType]
+            dt0,  # pyright: ignore[reportArgumentType]
             y0,
             args,
             stepsize_controller=self.stepsize_controller,

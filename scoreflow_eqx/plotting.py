@@ -1,19 +1,11 @@
-"""Saving samples as images with matplotlib (Agg backend, no torchvision)."""
+"""Saving samples as images with matplotlib (no torchvision). Figures are drawn on their
+own Agg canvas, without pyplot, so the user's matplotlib backend is never switched."""
 
 import math
 import os
 
 import numpy as np
 from jaxtyping import ArrayLike
-
-
-def _agg_pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def make_image_grid(
@@ -90,12 +82,13 @@ def save_image_grid(
     if scale < 1:
         raise ValueError(f"`scale` must be >= 1, got {scale}.")
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    plt = _agg_pyplot()
+    import matplotlib.image
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if grid.ndim == 2:
-        plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+        matplotlib.image.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
     else:
-        plt.imsave(path, grid, format="png")
+        matplotlib.image.imsave(path, grid, format="png")
 
 
 def scatter_2d(
@@ -122,8 +115,12 @@ def scatter_2d(
     x = np.asarray(samples)
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"`samples` must have shape (N, 2), got {x.shape}.")
-    plt = _agg_pyplot()
-    fig, ax = plt.subplots(figsize=(size, size))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if reference is not None:
         ref = np.asarray(reference)
         ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="reference")
@@ -138,4 +135,3 @@ def scatter_2d(
         ax.set_title(title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)

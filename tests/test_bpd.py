@@ -3,6 +3,7 @@ exact discrete likelihood of finely quantized Gaussian-mixture data."""
 
 import math
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -11,7 +12,7 @@ import pytest
 from helpers import gaussian_mixture_2d
 
 import scoreflow_eqx as sf
-from scoreflow_eqx._bpd import student_t_quantile
+from scoreflow_eqx._bpd import confidence_interval
 
 
 def test_bits_per_dim_identities():
@@ -40,18 +41,21 @@ def test_bits_per_dim_identities():
     np.testing.assert_allclose(disc.bits_per_dim(0.0, dim=5), math.log2(17), rtol=1e-12)
 
 
-def test_student_t_quantile():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    for dof in (1, 2, 5, 30, 1000):
-        np.testing.assert_allclose(
-            student_t_quantile(0.975, dof), scipy_stats.t.ppf(0.975, dof), rtol=1e-6
-        )
-    np.testing.assert_allclose(student_t_quantile(0.1, 4), scipy_stats.t.ppf(0.1, 4))
+def test_confidence_interval():
+    import scipy.stats
+
+    values = np.array([1.0, 2.0, 4.0, np.nan, 3.5])  # NaN (a failed solve) is excluded
+    mean, half = confidence_interval(values)
+    finite = values[np.isfinite(values)]
+    lo, hi = scipy.stats.t.interval(0.95, 3, loc=finite.mean(), scale=scipy.stats.sem(finite))
+    np.testing.assert_allclose([mean - half, mean + half], [lo, hi], rtol=1e-12)
+    assert np.isnan(confidence_interval(np.array([1.0]))[1])
 
 
 # Fine cells (any number of levels works), so that the dequantization noise within a
 # cell is far below the tolerance of the per-example check.
 DISC = sf.data.Discretization(num_levels=4096, data_range=(-3.0, 3.0))
+EXACT_ODE = sf.ODELikelihood(divergence=sf.ExactTrace())
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def test_evaluate_bpd_ode_matches_exact_discrete_likelihood(setting):
         batch_size=4,  # 10 examples: the last batch is padded
         num_repeats=2,
         show_progress=False,
-        divergence="exact",
+        method=EXACT_ODE,
     )
     expected = discrete_bpd(mixture, flow, levels)
     # The prior mismatch of VE(sigma_max=50) and the in-cell variation are < 0.01 bits;
@@ -94,7 +98,9 @@ def test_evaluate_bpd_ode_matches_exact_discrete_likelihood(setting):
     assert res.num_examples == 10 and res.num_repeats == 2 and res.method == "ode"
     assert res.num_failed == 0
     np.testing.assert_allclose(res.bpd, np.mean(res.per_example))
-    half = student_t_quantile(0.975, 9) * np.std(res.per_example, ddof=1) / math.sqrt(10)
+    import scipy.stats
+
+    half = scipy.stats.t.ppf(0.975, 9) * np.std(res.per_example, ddof=1) / math.sqrt(10)
     np.testing.assert_allclose(res.ci95, half)
     assert 20 < res.nfe_mean <= res.nfe_max
     np.testing.assert_allclose(res.per_example, DISC.bits_per_dim(res.nll, dim=2), rtol=1e-12)
@@ -108,7 +114,7 @@ def test_evaluate_bpd_ode_matches_exact_discrete_likelihood(setting):
         batch_size=4,
         num_repeats=2,
         show_progress=False,
-        divergence="exact",
+        method=EXACT_ODE,
     )
     np.testing.assert_allclose(again.per_example, res.per_example[:4], rtol=1e-12)
 
@@ -118,10 +124,9 @@ def test_evaluate_bpd_ode_matches_exact_discrete_likelihood(setting):
         levels,
         discretization=DISC,
         key=jr.key(2),
-        method="bound",
+        method=sf.BoundLikelihood(num_t=4000),
         batch_size=4,
         show_progress=False,
-        num_t=4000,
     )
     assert bound.method == "bound" and bound.nfe_mean == 4000 + 16
     assert abs(bound.bpd - res.bpd) < 0.2
@@ -133,9 +138,8 @@ def test_evaluate_bpd_ode_matches_exact_discrete_likelihood(setting):
         discretization=DISC,
         key=jr.key(1),
         batch_size=4,
-        solve_mode="per_example",
+        method=sf.ODELikelihood(divergence=sf.ExactTrace(), batched=False),
         show_progress=False,
-        divergence="exact",
     )
     np.testing.assert_allclose(per_example.per_example, expected, atol=0.01)
 
@@ -150,7 +154,7 @@ def test_evaluate_bpd_continuous_and_variational_hook(setting):
         key=jr.key(1),
         batch_size=4,
         show_progress=False,
-        divergence="exact",
+        method=EXACT_ODE,
     )
     p_eps = mixture.diffuse(flow.sde, flow.eps)
     expected = -jax.vmap(p_eps.log_prob)(jnp.asarray(xs)) / (2 * math.log(2))
@@ -169,7 +173,7 @@ def test_evaluate_bpd_continuous_and_variational_hook(setting):
         batch_size=4,
         dequantizer=centre,
         show_progress=False,
-        divergence="exact",
+        method=EXACT_ODE,
     )
     offset = math.log2(DISC.num_levels / DISC.scale)
     np.testing.assert_allclose(
@@ -187,8 +191,7 @@ def test_evaluate_bpd_reports_failures(setting):
             key=jr.key(1),
             batch_size=4,
             show_progress=False,
-            divergence="exact",
-            max_steps=2,
+            method=sf.ODELikelihood(divergence=sf.ExactTrace(), max_steps=2),
         )
     assert res.num_failed == 4
     assert np.all(np.isnan(res.per_example)) and math.isnan(res.bpd)
@@ -213,9 +216,54 @@ def test_evaluate_bpd_refuses_unsafe_input(setting):
             discretization=sf.data.Discretization(num_levels=17, data_range=(0.0, 1.0)),
             **kwargs,
         )
-    with pytest.raises(ValueError, match="valid methods"):
+    with pytest.raises(ValueError, match="shorthands"):
         sf.evaluate_bpd(flow, levels, discretization=DISC, method="elbo", **kwargs)
-    with pytest.raises(ValueError, match="valid modes"):
+    with pytest.raises(ValueError, match="valid modes"), pytest.warns(DeprecationWarning):
         sf.evaluate_bpd(flow, levels, discretization=DISC, solve_mode="joint", **kwargs)
+    with pytest.raises(ValueError, match="belong on the method object"):
+        sf.evaluate_bpd(flow, levels, discretization=DISC, method=EXACT_ODE, num_t=3, **kwargs)
+    other = sf.data.UniformDequantizer(sf.data.Discretization(num_levels=256))
+    with pytest.raises(ValueError, match="differs from the data's"):
+        sf.evaluate_bpd(flow, levels, discretization=DISC, dequantizer=other, **kwargs)
+    with pytest.raises(ValueError, match="continuous"):
+        sf.evaluate_bpd(
+            flow,
+            levels / 1.0,
+            discretization=sf.data.Discretization(num_levels=None),
+            dequantizer=other,
+            **kwargs,
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        sf.evaluate_bpd(flow, levels, discretization=DISC, batch_size=0, **kwargs)
     with pytest.raises(ValueError, match="shape"):
         sf.evaluate_bpd(flow, levels[0], discretization=DISC, **kwargs)
+
+
+def test_method_objects_and_deprecated_keywords_agree(setting):
+    _, flow, levels = setting
+    common = dict(discretization=DISC, key=jr.key(3), batch_size=5, show_progress=False)
+    new = sf.evaluate_bpd(
+        flow,
+        levels,
+        method=sf.ODELikelihood(
+            divergence=sf.ExactTrace(),
+            stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-4),
+            batched=False,
+        ),
+        **common,
+    )
+    with pytest.warns(DeprecationWarning, match="sf.ODELikelihood"):
+        old = sf.evaluate_bpd(
+            flow,
+            levels,
+            divergence="exact",
+            rtol=1e-4,
+            atol=1e-4,
+            solve_mode="per_example",
+            **common,
+        )
+    np.testing.assert_array_equal(new.per_example, old.per_example)
+    assert new.nfe_mean == old.nfe_mean
+    by_name = sf.evaluate_bpd(flow, levels[:3], method="bound", **common)
+    by_object = sf.evaluate_bpd(flow, levels[:3], method=sf.BoundLikelihood(), **common)
+    np.testing.assert_array_equal(by_name.per_example, by_object.per_example)

@@ -41,15 +41,16 @@ def test_checkpointer_roundtrip_keep_n_and_fallback(tmp_path):
     with sf.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in (1, 2, 3):
             next(it)
-            ckpt.save(step, _state(step), data_iterator=it, config={"step": step})
+            ckpt.save(step, _state(float(step)), data_iterator=it, record={"step": step})
             ckpt.wait_until_finished()
         assert ckpt.all_steps() == [2, 3]  # keeps the last 2
     expected_next = next(it)
     abstract = abstract_like(_state(0.0))
     with sf.Checkpointer(tmp_path) as ckpt:
         fresh = iter(pipeline)
-        state, step = ckpt.restore(abstract, data_iterator=fresh)
-        assert step == 3 and ckpt.restore_config() == {"step": 3}
+        restored = ckpt.restore(abstract, data_iterator=fresh)
+        state, step = restored.items, restored.step
+        assert step == 3 and ckpt.read_record(3) == restored.record == {"step": 3}
         assert tree_allclose(
             jax.tree.leaves(state["params"]), jax.tree.leaves(_state(3.0)["params"])
         )
@@ -59,7 +60,8 @@ def test_checkpointer_roundtrip_keep_n_and_fallback(tmp_path):
     _corrupt(tmp_path / "3")
     with sf.Checkpointer(tmp_path) as ckpt:
         with pytest.warns(RuntimeWarning, match="step 3.*falling back to step 2"):
-            state, step = ckpt.restore(abstract)
+            restored = ckpt.restore(abstract)
+        state, step = restored.items, restored.step
         assert step == 2
         assert tree_allclose(state["ema_params"], _state(2.0)["ema_params"])
     _corrupt(tmp_path / "2")
@@ -191,7 +193,7 @@ def test_two_process_training_equals_one_process_on_the_global_batches(tmp_path)
     from train_worker import CFG, distributed_data, DISTRIBUTED_RUN
 
     from scoreflow_eqx._sharding import batch_sharding, replicate
-    from scoreflow_eqx._train import _skip_nonfinite, init_state
+    from scoreflow_eqx._training import init_state
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -227,7 +229,7 @@ def test_two_process_training_equals_one_process_on_the_global_batches(tmp_path)
         for i in range(2)
     ]
     mesh = sf.data_parallel_mesh(jax.devices()[:2])
-    optimizer = _skip_nonfinite(sf.default_optimizer(lr=5e-3, warmup_steps=2))
+    optimizer = sf.default_optimizer(lr=5e-3, warmup_steps=2)
     step = sf.make_train_step(optimizer, mesh=mesh)
     state = replicate(init_state(sf.make_flow(CFG, key=jr.key(0)), optimizer, key=train_key), mesh)
     losses = []

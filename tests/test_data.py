@@ -1,4 +1,6 @@
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -82,7 +84,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="No such data file"):
         sf.data.load_dataset(tmp_path / "missing.npy")
     np.savez(tmp_path / "two.npz", a=np.zeros((4, 2)), b=np.zeros((4, 2)))
-    with pytest.raises(ValueError, match="expected keys"):
+    with pytest.raises(ValueError, match="expected the keys"):
         sf.data.load_dataset(tmp_path / "two.npz")
 
 
@@ -95,10 +97,17 @@ def digits():
     return sf.data.load_dataset("digits")
 
 
-def test_pipeline_dequantizes_levels(digits):
+def test_pipeline_gives_levels_that_the_dequantizer_maps_into_their_cells(digits):
     it = iter(sf.data.make_pipeline(digits, batch_size=32, seed=0, shuffle=False))
-    batch = next(it)
-    assert batch.shape == (32, 1, 8, 8) and batch.dtype == np.float32
+    levels = next(it)
+    assert levels.shape == (32, 1, 8, 8) and np.issubdtype(levels.dtype, np.integer)
+    np.testing.assert_array_equal(levels, digits.train[:32])
+    # Dequantization on device, as in the training step and in evaluate_bpd.
+    dequantizer = sf.data.UniformDequantizer(digits.discretization)
+    keys = jax.random.split(jax.random.key(0), 32)
+    batch, log_q = jax.vmap(lambda k, key: dequantizer(k, key=key))(jnp.asarray(levels), keys)
+    batch = np.asarray(batch)
+    assert np.all(np.asarray(log_q) == 0)
     assert batch.min() >= -1 and batch.max() < 1
     # Dequantized values fall in their level's cell: quantize recovers the levels
     # exactly.
@@ -118,7 +127,7 @@ def test_pipeline_deterministic_and_epochs(digits):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], c[0])
     # Each epoch (15 batches of 100 = 1500) is a permutation; epochs are reshuffled.
-    q = lambda batches: np.asarray(digits.discretization.quantize(np.concatenate(batches)))
+    q = lambda batches: np.concatenate(batches)
     epoch1, epoch2 = q(a[:15]), q(a[15:])
     key = lambda arr: sorted(r.tobytes() for r in arr.astype(np.int32).reshape(len(arr), -1))
     assert key(epoch1) == key(digits.train) == key(epoch2)

@@ -10,17 +10,16 @@ import jax.random as jr
 import numpy as np
 import pytest
 from helpers import gaussian_mixture_2d
+from registry import (
+    DIVERGENCE_SHORTHANDS,
+    EXACT_DIVERGENCES,
+    ODE_SOLVERS,
+    SDES,
+    STOCHASTIC_DIVERGENCES,
+)
 
 import scoreflow_eqx as sf
-from scoreflow_eqx._divergence import (
-    sample_probes,
-    value_and_exact_divergence,
-    value_and_hutchinson_divergence,
-)
 from scoreflow_eqx._solver import evaluations_per_step
-
-
-SDES = {"vp": sf.VPSDE(), "subvp": sf.SubVPSDE(), "ve": sf.VESDE()}
 
 
 def exact_flow(sde, mixture=None):
@@ -65,9 +64,9 @@ def _image_fn(x):
 def test_exact_divergence_any_shape(mode, chunk_size):
     x = jr.normal(jr.key(1), (2, 3, 4))
     jac = jax.jit(jax.jacfwd(_image_fn))(x).reshape(x.size, x.size)
-    fx, div = jax.jit(
-        lambda x: value_and_exact_divergence(_image_fn, x, mode=mode, chunk_size=chunk_size)
-    )(x)
+    estimator = sf.ExactTrace(mode=mode, chunk_size=chunk_size)
+    state = estimator.init(x, key=None)
+    fx, div = jax.jit(lambda x: estimator.value_and_divergence(_image_fn, x, state))(x)
     np.testing.assert_allclose(fx, _image_fn(x))
     np.testing.assert_allclose(div, jnp.trace(jac), rtol=1e-10)
 
@@ -77,15 +76,16 @@ def test_exact_divergence_any_shape(mode, chunk_size):
 def test_hutchinson_divergence_unbiased(mode, probe):
     x = jr.normal(jr.key(1), (2, 3, 4))
     exact = jnp.trace(jax.jit(jax.jacfwd(_image_fn))(x).reshape(x.size, x.size))
-    probes = sample_probes(jr.key(2), x.shape, x.dtype, probe=probe, num_probes=4000)
+    many = sf.Hutchinson(probe=probe, num_probes=4000, mode=mode)
+    one = sf.Hutchinson(probe=probe, num_probes=1, mode=mode)
+    probes = many.init(x, key=jr.key(2))
+    assert probes.shape == (4000, *x.shape)
 
     @jax.jit
     def estimates(probes):
-        _, est = value_and_hutchinson_divergence(_image_fn, x, probes, mode=mode)
+        _, est = many.value_and_divergence(_image_fn, x, probes)
         # One probe at a time, for the standard error.
-        per_probe = jax.vmap(
-            lambda v: value_and_hutchinson_divergence(_image_fn, x, v[None], mode=mode)[1]
-        )(probes)
+        per_probe = jax.vmap(lambda v: one.value_and_divergence(_image_fn, x, v[None])[1])(probes)
         return est, per_probe
 
     est, per_probe = estimates(probes)
@@ -96,16 +96,28 @@ def test_hutchinson_divergence_unbiased(mode, probe):
         assert set(np.unique(np.asarray(probes))) == {-1.0, 1.0}
 
 
+def test_estimator_objects_are_checked():
+    with pytest.raises(ValueError, match="valid probes"):
+        sf.Hutchinson(probe="uniform")
+    with pytest.raises(ValueError, match="valid modes"):
+        sf.Hutchinson(mode="both")
+    with pytest.raises(ValueError, match="num_probes"):
+        sf.Hutchinson(num_probes=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sf.ExactTrace(chunk_size=0)
+    with pytest.raises(ValueError, match="pass `key=`"):
+        sf.Hutchinson().init(jnp.zeros(3), key=None)
+
+
 # ---- ODE NLL against the closed form -------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name,jacobian_mode", [("vp", "reverse"), ("subvp", "forward"), ("ve", "reverse")]
-)
-def test_exact_nll_matches_analytic(points, name, jacobian_mode):
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("divergence", list(EXACT_DIVERGENCES))
+def test_exact_nll_matches_analytic(points, name, divergence):
     mixture = gaussian_mixture_2d()
     flow = exact_flow(SDES[name], mixture)
-    kwargs = dict(divergence="exact", jacobian_mode=jacobian_mode, rtol=1e-8, atol=1e-8)
+    kwargs = dict(divergence=EXACT_DIVERGENCES[divergence], rtol=1e-8, atol=1e-8)
     res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), kwargs)
     assert bool(jnp.all(dfx.is_successful(res.result)))
     expected = jax.vmap(lambda x, z: analytic_nll(flow, mixture, x, z))(points, res.z)
@@ -121,26 +133,15 @@ def test_exact_nll_matches_analytic(points, name, jacobian_mode):
 
 
 @pytest.mark.parametrize(
-    "name,probe,num_probes,jacobian_mode",
-    [
-        ("vp", "rademacher", 1, "reverse"),
-        ("subvp", "gaussian", 1, "forward"),
-        ("ve", "rademacher", 3, "forward"),
-    ],
+    "name,divergence",
+    list(zip(["vp", "subvp", "ve"], STOCHASTIC_DIVERGENCES, strict=True)),
 )
-def test_hutchinson_nll_unbiased(points, name, probe, num_probes, jacobian_mode):
+def test_hutchinson_nll_unbiased(points, name, divergence):
     mixture = gaussian_mixture_2d()
     flow = exact_flow(SDES[name], mixture)
     n = 96
     xs = jnp.broadcast_to(points[1], (n, 2))
-    kwargs = dict(
-        divergence="hutchinson",
-        probe=probe,
-        num_probes=num_probes,
-        jacobian_mode=jacobian_mode,
-        rtol=1e-7,
-        atol=1e-7,
-    )
+    kwargs = dict(divergence=STOCHASTIC_DIVERGENCES[divergence], rtol=1e-7, atol=1e-7)
     res = _vmapped_nll(flow, xs, jr.split(jr.key(3), n), kwargs)
     assert bool(jnp.all(dfx.is_successful(res.result)))
     # The x-trajectory does not depend on the probes: same latent for every probe.
@@ -180,7 +181,7 @@ def _counting_flow():
 def test_nfe_equals_counted_calls_under_vmap(points):
     flow = _counting_flow()
     _CALLS.clear()
-    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), dict(divergence="exact"))
+    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), dict(divergence=sf.ExactTrace()))
     jax.block_until_ready(res.nll)
     nfe = np.asarray(res.nfe)
     # 6 evaluations a Dopri5 step, 1 initial one, and 2 that choose the first step.
@@ -209,8 +210,7 @@ def test_nfe_other_solver_forward_mode(points):
             x,
             key=jr.key(0),
             solver=solver,
-            jacobian_mode="forward",
-            num_probes=2,
+            divergence=sf.Hutchinson(num_probes=2, mode="forward"),
             rtol=1e-3,
             atol=1e-3,
         )
@@ -231,7 +231,7 @@ def test_batched_solve_agrees(points):
     # agree with vmapped ode_nll to solver accuracy.
     flow = exact_flow(SDES["vp"])
     keys = jr.split(jr.key(7), 3)
-    kwargs = dict(divergence="hutchinson", rtol=1e-8, atol=1e-8)
+    kwargs = dict(divergence=sf.Hutchinson(), rtol=1e-8, atol=1e-8)
     batched = eqx.filter_jit(lambda f, x, k: sf.ode_nll_batched(f, x, key=k, **kwargs))(
         flow, points, keys
     )
@@ -247,7 +247,9 @@ def test_batched_solve_agrees(points):
 
 def test_max_steps_failure_is_reported(points):
     flow = exact_flow(SDES["ve"])
-    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), dict(divergence="exact", max_steps=3))
+    res = _vmapped_nll(
+        flow, points, jr.split(jr.key(0), 3), dict(divergence="exact", max_steps=3, throw=False)
+    )
     assert bool(jnp.all(res.nfe == 6 * 3 + 3))
     assert not bool(jnp.any(dfx.is_successful(res.result)))
     assert bool(jnp.all(res.result == dfx.RESULTS.max_steps_reached))
@@ -262,15 +264,96 @@ def test_max_steps_failure_is_reported(points):
 def test_bad_options():
     flow = exact_flow(SDES["ve"])
     x = jnp.zeros(2)
-    with pytest.raises(ValueError, match="valid ones are"):
+    with pytest.raises(ValueError, match="shorthands"):
         sf.ode_nll(flow, x, divergence="trace", key=jr.key(0))
     with pytest.raises(ValueError, match="pass `key=`"):
         sf.ode_nll(flow, x)
-    with pytest.raises(ValueError, match="valid probes"):
-        sf.ode_nll(flow, x, key=jr.key(0), probe="uniform")
-    with pytest.raises(ValueError, match="valid modes"):
-        sf.ode_nll(flow, x, key=jr.key(0), jacobian_mode="both")
     with pytest.raises(ValueError, match="explicit"):
         sf.ode_nll(flow, x, divergence="exact", solver=dfx.Kvaerno5())
     with pytest.raises((TypeError, ValueError)):  # jaxtyping or our own check
         sf.ode_nll(flow, jnp.zeros(2, jnp.int32), divergence="exact")
+    with pytest.raises(TypeError, match="Unexpected keyword"):
+        sf.ode_nll(flow, x, divergence="exact", tolerance=1e-3)
+
+
+# ---- objects and shorthands ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shorthand", list(DIVERGENCE_SHORTHANDS))
+def test_shorthands_give_the_objects_numbers(points, shorthand):
+    flow = exact_flow(SDES["vp"])
+    fn = eqx.filter_jit(lambda f, x, d: sf.ode_nll(f, x, key=jr.key(5), divergence=d, rtol=1e-4))
+    by_name = fn(flow, points[0], shorthand)
+    by_object = fn(flow, points[0], DIVERGENCE_SHORTHANDS[shorthand])
+    assert eqx.tree_equal(by_name, by_object, typematch=True)
+
+
+def test_deprecated_estimator_keywords_still_work(points):
+    flow = exact_flow(SDES["vp"])
+    x = points[0]
+    new = sf.ode_nll(flow, x, key=jr.key(1), divergence=sf.Hutchinson("gaussian", 2, "reverse"))
+    with pytest.warns(DeprecationWarning, match="sf.Hutchinson"):
+        old = sf.ode_nll(
+            flow, x, key=jr.key(1), probe="gaussian", num_probes=2, jacobian_mode="reverse"
+        )
+    assert eqx.tree_equal(new, old)
+    new = sf.ode_nll(flow, x, divergence=sf.ExactTrace(mode="reverse", chunk_size=1))
+    with pytest.warns(DeprecationWarning):
+        old = sf.ode_nll(flow, x, divergence="exact", jacobian_mode="reverse", chunk_size=1)
+    assert eqx.tree_equal(new, old)
+
+
+@pytest.mark.parametrize("solver", list(ODE_SOLVERS))
+def test_user_stepsize_controller_is_used(points, solver):
+    flow = exact_flow(SDES["vp"])
+    x, s = points[0], ODE_SOLVERS[solver]
+    pid = dfx.PIDController(rtol=1e-3, atol=1e-3)
+    by_tol = sf.ode_nll(flow, x, divergence="exact", solver=s, rtol=1e-3, atol=1e-3)
+    by_controller = sf.ode_nll(flow, x, divergence="exact", solver=s, stepsize_controller=pid)
+    assert eqx.tree_equal(by_tol, by_controller)
+    # A controller that clips the steps to a grid: at least 50 steps, the same likelihood.
+    capped = dfx.ClipStepSizeController(pid, step_ts=jnp.linspace(flow.eps, 1.0, 51))
+    res = sf.ode_nll(flow, x, divergence="exact", solver=s, stepsize_controller=capped)
+    assert int(res.stats["num_steps"]) >= 50 > int(by_tol.stats["num_steps"])
+    np.testing.assert_allclose(res.nll, by_tol.nll, atol=2e-2)
+    with pytest.raises(ValueError, match="not both"):
+        sf.ode_nll(flow, x, divergence="exact", stepsize_controller=pid, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(rtol=-1e-5), ValueError, "rtol"),
+        (dict(atol=float("nan")), ValueError, "atol"),
+        (dict(rtol=0.0, atol=0.0), ValueError, "both be 0"),
+        (dict(max_steps=0), ValueError, "max_steps"),
+        (dict(dt0=0.0), ValueError, "dt0"),
+        # (Under the test suite's jaxtyping hook, type errors are caught by the
+        # annotations first; both messages name the argument.)
+        (dict(adjoint="backsolve"), TypeError, "adjoint"),
+        (dict(solver="dopri5"), TypeError, "solver"),
+        (dict(stepsize_controller=1e-5), TypeError, "stepsize_controller|step-size controller"),
+    ],
+)
+def test_bad_solve_options_fail_before_solving(kwargs, error, match):
+    flow = exact_flow(SDES["vp"])
+    with pytest.raises(error, match=match):
+        sf.ode_nll(flow, jnp.zeros(2), divergence="exact", **kwargs)
+    with pytest.raises(error, match=match):
+        sf.ode_nll_batched(flow, jnp.zeros((2, 2)), divergence="exact", **kwargs)
+
+
+def test_nonfinite_input_fails_at_once(points):
+    flow = exact_flow(SDES["vp"])
+    bad = points.at[1, 0].set(jnp.nan)
+    res = _vmapped_nll(flow, bad, jr.split(jr.key(0), 3), dict(divergence="exact", throw=False))
+    nonfinite = np.asarray(res.result == dfx.RESULTS.nonfinite_input)
+    assert nonfinite.tolist() == [False, True, False] and bool(jnp.isnan(res.nll[1]))
+    assert np.asarray(dfx.is_successful(res.result)).tolist() == [True, False, True]
+    assert bool(jnp.all(jnp.isfinite(res.nll[::2])))
+    assert int(res.nfe[1]) < 100  # no budget spent on it
+    batched = sf.ode_nll_batched(flow, bad, divergence="exact", throw=False)
+    assert batched.result == dfx.RESULTS.nonfinite_input
+    assert np.isnan(batched.nll[1]) and np.all(np.isfinite(np.asarray(batched.nll[::2])))
+    with pytest.raises(Exception, match="NaN or inf"):
+        jax.block_until_ready(sf.ode_nll(flow, bad[1], divergence="exact").nll)

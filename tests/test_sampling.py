@@ -2,6 +2,8 @@
 marginals under every linear SDE, so samples must match the mixture within Monte Carlo
 error."""
 
+import dataclasses
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -10,12 +12,12 @@ import jax.random as jr
 import numpy as np
 import pytest
 from helpers import gaussian_mixture_2d
+from registry import NUM_STEPS, SAMPLER_SHORTHANDS, SAMPLERS
 
 import scoreflow_eqx as sf
 
 
 N = 1000  # samples per check
-NUM_STEPS = 200  # time steps of the fixed-step samplers
 SDES = {"vp": sf.VPSDE(), "ve": sf.VESDE()}
 
 
@@ -76,24 +78,16 @@ def truth(mixture):
 
 # ---- samples match the mixture ------------------------------------------------------
 
-SAMPLER_CASES = {
-    "ode": dict(method="ode", rtol=1e-5, atol=1e-5),
-    "sde": dict(method="sde", num_steps=NUM_STEPS),
-    "pc": dict(method="pc", num_steps=NUM_STEPS),
-    # A second-order solver (valid as the noise is additive: Ito = Stratonovich).
-    "sde_heun": dict(method="sde", num_steps=NUM_STEPS // 2, solver=dfx.Heun()),
-}
-
 
 @pytest.mark.parametrize(
     "sde_name,method",
-    [(s, m) for s in SDES for m in ("ode", "sde", "pc")] + [("ve", "sde_heun")],
+    [(s, m) for s in SDES for m in ("ode", "sde", "pc")] + [("ve", "sde_heun"), ("vp", "pc_em")],
 )
 def test_samples_match_mixture(mixture, truth, sde_name, method):
     sde = SDES[sde_name]
     flow = _flow(sde, mixture)
-    kwargs = SAMPLER_CASES[method]
-    draw = jax.jit(jax.vmap(lambda k: sf.sample(flow, (2,), key=k, **kwargs)))
+    sampler = SAMPLERS[method]
+    draw = jax.jit(jax.vmap(lambda k: sf.sample(flow, (2,), key=k, sampler=sampler)))
     res = draw(jr.split(jr.key(0), N))
     ok = np.asarray(res.result == dfx.RESULTS.successful)
     res = jax.tree.map(np.asarray, res)
@@ -123,6 +117,38 @@ def test_samples_match_mixture(mixture, truth, sde_name, method):
         assert np.all(steps == NUM_STEPS // 2) and np.all(nfe == NUM_STEPS)
     else:
         assert np.all(nfe == 2 * NUM_STEPS)  # one predictor + one corrector evaluation
+    assert np.array_equal(res.stats["num_steps"], steps)
+
+
+@pytest.mark.parametrize("method", list(SAMPLER_SHORTHANDS))
+def test_method_shorthands_give_the_objects_samples(mixture, method):
+    flow = _flow(SDES["vp"], mixture)
+    sampler = SAMPLER_SHORTHANDS[method]
+    if not isinstance(sampler, sf.ProbabilityFlow):
+        sampler = dataclasses.replace(sampler, num_steps=20)
+        legacy = dict(num_steps=20)
+    else:
+        legacy = dict(rtol=1e-5)
+    by_object = sf.sample(flow, (2,), key=jr.key(3), sampler=sampler)
+    with pytest.warns(DeprecationWarning, match="sampler object"):
+        by_keywords = sf.sample(flow, (2,), key=jr.key(3), method=method, **legacy)
+    assert eqx.tree_equal(by_object, by_keywords)
+    if method == "ode":
+        assert eqx.tree_equal(sf.sample(flow, (2,), key=jr.key(3), method="ode"), by_object)
+    with pytest.raises(ValueError, match="not both"):
+        sf.sample(flow, (2,), key=jr.key(3), sampler=sampler, method=method)
+
+
+def test_user_stepsize_controller_in_probability_flow(mixture):
+    flow = _flow(SDES["vp"], mixture)
+    loose = sf.ProbabilityFlow(stepsize_controller=dfx.PIDController(rtol=1e-2, atol=1e-2))
+    a = sf.sample(flow, (2,), key=jr.key(0), sampler=loose)
+    b = sf.sample(flow, (2,), key=jr.key(0))
+    assert int(a.num_steps) < int(b.num_steps)
+    np.testing.assert_allclose(a.x, b.x, atol=0.05)
+    z = sf.encode(flow, b.x, stepsize_controller=dfx.PIDController(rtol=1e-2, atol=1e-2))
+    z_tol = sf.encode(flow, b.x, rtol=1e-2, atol=1e-2)
+    assert eqx.tree_equal(z, z_tol)
 
 
 # ---- encode / decode ---------------------------------------------------------------
@@ -133,7 +159,7 @@ def test_decode_inverts_encode(mixture, sde_name):
     sde = SDES[sde_name]
     flow = _flow(sde, mixture)
     x = jax.vmap(lambda k: mixture.sample(key=k))(jr.split(jr.key(4), 16))
-    tol = dict(rtol=1e-8, atol=1e-8)
+    tol = dict(stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8))
 
     @jax.jit
     def roundtrip(x):
@@ -201,6 +227,14 @@ def _mixture_conditional(mix, x_known, mask):
     return w, mean, var
 
 
+INPAINT_SAMPLERS = {
+    "sde": sf.PredictorCorrector(
+        predictor=sf.EulerMaruyamaPredictor(), corrector=None, num_steps=NUM_STEPS
+    ),
+    "pc": sf.PredictorCorrector(num_steps=NUM_STEPS),
+}
+
+
 @pytest.mark.parametrize("sde_name,method", [("vp", "sde"), ("ve", "pc")])
 def test_inpaint_draws_conditional(sde_name, method):
     sde = SDES[sde_name]
@@ -212,9 +246,7 @@ def test_inpaint_draws_conditional(sde_name, method):
     assert w[1] > 0.999  # the observation selects the second component
 
     draw = jax.jit(
-        jax.vmap(
-            lambda k: sf.inpaint(flow, x_known, mask, key=k, method=method, num_steps=NUM_STEPS)
-        )
+        jax.vmap(lambda k: sf.inpaint(flow, x_known, mask, key=k, sampler=INPAINT_SAMPLERS[method]))
     )
     res = draw(jr.split(jr.key(5), N))
     x = np.asarray(res.x)
@@ -233,8 +265,14 @@ def test_inpaint_draws_conditional(sde_name, method):
 def test_inpaint_everything_known_is_identity(mixture):
     flow = _flow(SDES["vp"], mixture)
     x_known = jnp.array([0.3, -0.7])
-    res = sf.inpaint(flow, x_known, jnp.ones(2, bool), key=jr.key(0), num_steps=5)
+    sampler = sf.PredictorCorrector(num_steps=5)
+    res = sf.inpaint(flow, x_known, jnp.ones(2, bool), key=jr.key(0), sampler=sampler)
     np.testing.assert_array_equal(res.x, x_known)
+    with pytest.warns(DeprecationWarning):
+        old = sf.inpaint(flow, x_known, jnp.ones(2, bool), key=jr.key(0), num_steps=5)
+    assert eqx.tree_equal(res, old)
+    with pytest.raises(TypeError, match="PredictorCorrector"):
+        sf.inpaint(flow, x_known, jnp.ones(2, bool), key=jr.key(0), sampler=sf.ReverseSDE())
 
 
 # ---- compilation, vmap and NFE accounting ------------------------------------------
@@ -268,7 +306,8 @@ def test_compiles_once_and_counts_nfe(mixture):
     net = _CountingNet(sf.nets.GaussianMixtureScore(mixture, sde), counts)
     flow = sf.ScoreFlow(sde, net, parameterization="score")
 
-    res = sf.sample(flow, (2,), key=jr.key(0), rtol=1e-4, atol=1e-4)
+    sampler = sf.ProbabilityFlow(stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-4))
+    res = sf.sample(flow, (2,), key=jr.key(0), sampler=sampler)
     jax.block_until_ready(res)
     traces = counts.traces
     assert traces > 0
@@ -278,11 +317,11 @@ def test_compiles_once_and_counts_nfe(mixture):
     # New keys and new mixture parameters of the same shapes: no new trace.
     flow2 = eqx.tree_at(lambda f: f.net.inner.mixture.means, flow, mixture.means + 0.1)
     for k in range(2):
-        jax.block_until_ready(sf.sample(flow2, (2,), key=jr.key(k + 1), rtol=1e-4, atol=1e-4))
+        jax.block_until_ready(sf.sample(flow2, (2,), key=jr.key(k + 1), sampler=sampler))
     assert counts.traces == traces
 
     # Under vmap, also compiled once per shape.
-    batched = jax.vmap(lambda k: sf.sample(flow, (2,), key=k, rtol=1e-4, atol=1e-4, throw=False))
+    batched = jax.vmap(lambda k: sf.sample(flow, (2,), key=k, sampler=sampler, throw=False))
     out = batched(jr.split(jr.key(7), 3))
     traces = counts.traces
     out = batched(jr.split(jr.key(8), 3))
@@ -293,7 +332,8 @@ def test_compiles_once_and_counts_nfe(mixture):
 def test_shape_from_net_and_errors(mixture):
     sde = SDES["vp"]
     mlp_flow = sf.ScoreFlow(sde, sf.nets.MLP((2,), 8, 1, key=jr.key(0)))
-    res = sf.sample(mlp_flow, key=jr.key(1), method="pc", num_steps=3, corrector_step_size="norms")
+    pc = sf.PredictorCorrector(num_steps=3, corrector=sf.LangevinCorrector(step_size="norms"))
+    res = sf.sample(mlp_flow, key=jr.key(1), sampler=pc)
     assert res.x.shape == (2,) and bool(jnp.all(jnp.isfinite(res.x)))
 
     flow = _flow(sde, mixture)
@@ -301,10 +341,26 @@ def test_shape_from_net_and_errors(mixture):
         sf.sample(flow, key=jr.key(0))
     with pytest.raises(ValueError, match="'ode', 'sde', 'pc'"):
         sf.sample(flow, (2,), key=jr.key(0), method="langevin")
-    with pytest.raises(ValueError, match="predictor"):
+    with pytest.raises(ValueError, match="predictor"), pytest.warns(DeprecationWarning):
         sf.sample(flow, (2,), key=jr.key(0), method="pc", predictor="ddim")
+    with pytest.raises(TypeError, match="do not apply to method='sde'"):
+        sf.sample(flow, (2,), key=jr.key(0), method="sde", snr=0.1)
     with pytest.raises(ValueError, match="'pc', 'sde'"):
         sf.inpaint(flow, jnp.zeros(2), jnp.ones(2), key=jr.key(0), method="ode")
+    with pytest.raises(ValueError, match="num_steps"):
+        sf.ReverseSDE(num_steps=0)
+    with pytest.raises(ValueError, match="snr"):
+        sf.LangevinCorrector(snr=-1.0)
+    with pytest.raises(ValueError, match="step_size"):
+        sf.LangevinCorrector(step_size="huge")
+    with pytest.raises(TypeError, match="predictor"):
+        sf.PredictorCorrector(predictor="reverse_diffusion")
+    with pytest.raises(ValueError, match="rtol"):
+        sf.ProbabilityFlow(stepsize_controller=dfx.PIDController(rtol=-1.0, atol=1e-5))
+    with pytest.raises(Exception, match="NaN or inf"):
+        jax.block_until_ready(sf.encode(flow, jnp.array([jnp.nan, 0.0])).x)
+    res = sf.encode(flow, jnp.array([jnp.inf, 0.0]), throw=False)
+    assert res.result == dfx.RESULTS.nonfinite_input and bool(jnp.all(jnp.isnan(res.x)))
 
 
 # ---- plotting ----------------------------------------------------------------------

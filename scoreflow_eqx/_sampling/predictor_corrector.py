@@ -4,7 +4,6 @@ of the reverse-time SDE on a uniform grid, each followed by Langevin corrector s
 
 import abc
 from collections.abc import Callable
-from typing import Literal
 
 import diffrax as dfx
 import equinox as eqx
@@ -94,7 +93,7 @@ class LangevinCorrector(eqx.Module):
 
     snr: float = eqx.field(default=0.16, static=True)
     num_steps: int = eqx.field(default=1, static=True)
-    step_size: Literal["sigma", "norms"] = eqx.field(default="sigma", static=True)
+    step_size: str = eqx.field(default="sigma", static=True)
 
     def __check_init__(self):
         check_num_steps(self.num_steps, "num_steps (of the corrector)")

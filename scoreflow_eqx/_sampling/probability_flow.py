@@ -72,7 +72,7 @@ def solve_flow(
     sol, nfe = options.solve(vector_field, t0, t1, y0)
     assert sol.ys is not None
     x = jnp.where(ok, sol.ys[0], jnp.nan)
-    result = dfx.RESULTS.where(ok, sol.result, dfx.RESULTS.nonfinite_input)
+    result = dfx.RESULTS.where(ok, sol.result, dfx.RESULTS.nonfinite_input)  # pyright: ignore[reportArgumentType]
     return SampleResult(
         x=x, nfe=nfe, num_steps=sol.stats["num_steps"], result=result, stats=sol.stats
     )

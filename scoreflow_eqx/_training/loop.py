@@ -122,12 +122,19 @@ class _Run:
         train_key, data_key, self.eval_key = jr.split(key, 3)
         data_seed = int(jr.randint(data_key, (), 0, 2**31 - 1))
         self.record = run_record(
-            flow, dataset=dataset, config=cfg, key=train_key, data_seed=data_seed, **record_args
+            flow,
+            record_args["flow_config"],
+            dataset,
+            cfg,
+            key=train_key,
+            data_seed=data_seed,
+            extra=record_args["extra"],
         )
         self.is_main = jax.process_index() == 0
         self.state = replicate(init_state(flow, optimizer, key=train_key), mesh)
         local_batch = cfg.batch_size // jax.process_count()
-        pipeline = make_pipeline(dataset, batch_size=local_batch, seed=data_seed)
+        dtype = jnp.zeros(()).dtype  # the default float dtype, for continuous data
+        pipeline = make_pipeline(dataset, batch_size=local_batch, seed=data_seed, dtype=dtype)
         self.data_iter = iter(pipeline)
         disc = dataset.discretization
         self.step_fn = make_train_step(
@@ -207,11 +214,11 @@ class _Run:
         streak, limit = logger.nonfinite_count, self.cfg.max_consecutive_nonfinite
         if streak >= limit or (final and streak >= min(limit, steps_run)):
             raise FloatingPointError(
-                f"Training diverged: the last {streak} consecutive updates before step {step} "
-                "had a non-finite loss, gradient or parameters and were skipped (the state "
-                f"is that of step {step - streak}; {logger.nonfinite_total} updates skipped in "
-                "all). Lower the learning rate, check the data, or raise "
-                "`max_consecutive_nonfinite`."
+                f"Training diverged: the last {streak} consecutive updates (steps "
+                f"{step - streak + 1} to {step}) had a non-finite loss, gradient or parameters "
+                f"and were skipped, so the state is that of step {step - streak} "
+                f"({logger.nonfinite_total} updates skipped in all). Lower the learning rate, "
+                "check the data, or raise `max_consecutive_nonfinite`."
             )
 
     def _evaluate(self, logger: MetricsLogger, before: int, step: int) -> None:
@@ -261,7 +268,7 @@ def train(
     eval_batch_size: int = 64,
     steps_per_jit: int = 1,
     max_consecutive_nonfinite: int = 20,
-    devices: list[jax.Device] | None = None,
+    devices: Sequence[Any] | None = None,
     flow_config: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     allow_changes: Sequence[str] = (),

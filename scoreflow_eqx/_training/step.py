@@ -58,7 +58,10 @@ def _make_one_step(optimizer, weighting, importance_sampling, ema_decay, dequant
         key = jr.fold_in(state.key, state.step)
         loss, grads = eqx.filter_value_and_grad(loss_fn)(state.flow, batch, key)
         params = eqx.filter(state.flow, eqx.is_inexact_array)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        # optax mixes its int32 step count with float hyperparameters (Adam's bias
+        # correction), which strict dtype promotion refuses.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, params)
         flow = eqx.apply_updates(state.flow, updates)
         ema = optax.incremental_update(
             eqx.filter(flow, eqx.is_inexact_array), state.ema_params, 1.0 - ema_decay

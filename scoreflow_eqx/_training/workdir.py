@@ -127,6 +127,19 @@ def _state_from_items(template: TrainState, items: dict[str, Any]) -> TrainState
     )
 
 
+def _check_same_run(saved: dict | None, record: dict, allow: frozenset[str], where: str):
+    diffs = record_differences(saved or {}, record, allow)
+    if diffs:
+        raise ValueError(
+            f"{where} holds another run (a different model, data or training settings) "
+            "than this one; what differs:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another work directory; to continue it on purpose with changed "
+            "training settings, data or seed, name them in `allow_changes=` "
+            "(`--allow-change NAME` on the command line)."
+        )
+
+
 def restore_state(
     checkpointer: Checkpointer,
     state: TrainState,
@@ -140,19 +153,20 @@ def restore_state(
     after it), after checking that its run record matches `record` (else a ValueError
     that names every difference)."""
     latest = checkpointer.latest_step()
-    if latest is not None and checkpointer.layout(latest) == "paths":
-        saved = checkpointer.read_record(latest) or {}
-        diffs = record_differences(saved, record, allow)
-        if diffs:
-            raise ValueError(
-                f"{checkpointer.directory} holds a run that differs from this one:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse another work directory, or pass the settings that may change as "
-                "`allow_changes=` (`--allow-change NAME` on the command line)."
-            )
+    if latest is None:
+        return state
+    try:  # compare early, for a message naming the differences (not just the shapes)
+        saved = checkpointer.read_record(latest) if checkpointer.layout(latest) == "paths" else None
+    except Exception:  # noqa: BLE001 - unreadable: `restore` falls back and we compare then
+        saved = None
+    if saved is not None:
+        _check_same_run(saved, record, allow, checkpointer.directory)
     abstract = abstract_like(state_items(state), sharding)
     restored = checkpointer.restore(abstract, data_iterator=data_iterator, quarantine=True)
-    return state if restored is None else _state_from_items(state, restored.items)
+    if restored is None:
+        return state
+    _check_same_run(restored.record, record, allow, checkpointer.directory)
+    return _state_from_items(state, restored.items)
 
 
 def _discretization(data: dict[str, Any]) -> Discretization:
@@ -226,53 +240,49 @@ def load_flow(
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{where} has no {CHECKPOINT_DIR}/: not a training work directory.")
     with Checkpointer(ckpt_dir) as checkpointer:
-        latest = checkpointer.latest_step()
-        if latest is None:
+        steps = checkpointer.all_steps()
+        if not steps:
             raise ValueError(f"{where} has no checkpoints.")
-        if checkpointer.layout(latest) == "leaf-lists":
-            flow, record, data = _load_old_layout(checkpointer, latest, like, ema, where)
-            step = latest
-        else:
-            flow, record, data, step = _load_paths_layout(checkpointer, latest, like, ema, where)
-    info = {
-        "data_shape": tuple(data["data_shape"]),
-        "discretization": _discretization(data),
-        "config": record,
-        "step": step,
-        "dataset": data["name"],
-    }
-    return flow, info
-
-
-def _load_paths_layout(checkpointer: Checkpointer, latest: int, like, ema: bool, where: str):
-    # Newest first; an unreadable or corrupted checkpoint falls back to the previous one.
-    steps = [s for s in checkpointer.all_steps() if s <= latest]
-    name = "ema_params" if ema else "params"
-    for i, step in enumerate(reversed(steps)):
-        try:
-            record = checkpointer.read_record(step) or {}
-            missing = [k for k in _RECORD_KEYS if k not in record]
-            if missing:
-                raise RunRecordError(
-                    f"The checkpoint at step {step} in {where} has an incomplete run record "
-                    f"(missing {missing}); it cannot be loaded safely."
+        for i, step in enumerate(reversed(steps)):
+            try:
+                flow, record, data = _load_step(checkpointer, step, like, ema, where)
+            except (CheckpointMismatchError, RunRecordError):
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+                older = len(steps) - i - 1
+                next_ = f"falling back to step {steps[older - 1]}" if older else "none is left"
+                warnings.warn(
+                    f"Checkpoint at step {step} in {where} could not be loaded "
+                    f"({type(e).__name__}: {str(e)[:300]}); {next_}.",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
-            params, static = eqx.partition(_template(record, like, where), eqx.is_inexact_array)
-            restored = checkpointer.restore_step(step, {name: abstract_like(params)})
-        except (CheckpointMismatchError, RunRecordError):
-            raise
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-            older = len(steps) - i - 1
-            where_next = f"falling back to step {steps[older - 1]}" if older else "none is left"
-            warnings.warn(
-                f"Checkpoint at step {step} in {where} could not be loaded "
-                f"({type(e).__name__}: {str(e)[:300]}); {where_next}.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            continue
-        return eqx.combine(restored.items[name], static), record, record["data"], step
+                continue
+            info = {
+                "data_shape": tuple(data["data_shape"]),
+                "discretization": _discretization(data),
+                "config": record,
+                "step": step,
+                "dataset": data["name"],
+            }
+            return flow, info
     raise ValueError(f"No checkpoint in {where} could be loaded (see the warnings).")
+
+
+def _load_step(checkpointer: Checkpointer, step: int, like, ema: bool, where: str):
+    if checkpointer.layout(step) == "leaf-lists":
+        return _load_old_layout(checkpointer, step, like, ema, where)
+    record = checkpointer.read_record(step) or {}
+    missing = [k for k in _RECORD_KEYS if k not in record]
+    if missing:
+        raise RunRecordError(
+            f"The checkpoint at step {step} in {where} has an incomplete run record "
+            f"(missing {missing}); it cannot be loaded safely."
+        )
+    params, static = eqx.partition(_template(record, like, where), eqx.is_inexact_array)
+    name = "ema_params" if ema else "params"
+    restored = checkpointer.restore_step(step, {name: abstract_like(params)})
+    return eqx.combine(restored.items[name], static), record, record["data"]
 
 
 def all_finite(tree) -> bool:

@@ -1,9 +1,11 @@
 """How discrete data map to model space, and the bits/dim that follow from it."""
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Integer
 
 
@@ -44,6 +46,21 @@ def bits_per_dim(
     return (nll / dim - math.log(a) + math.log(num_levels)) / math.log(2)
 
 
+def _as_levels(k):
+    if isinstance(k, np.integer):
+        return int(k)
+    return k
+
+
+def _as_range(r) -> Any:
+    if isinstance(r, list | tuple | np.ndarray) and len(r) == 2:
+        try:
+            return tuple(float(v) for v in r)
+        except (TypeError, ValueError):
+            pass
+    return r
+
+
 class Discretization(eqx.Module):
     """The description of a dataset's values that likelihood evaluation needs.
 
@@ -55,16 +72,21 @@ class Discretization(eqx.Module):
         `y = (k + u) / K`.
     """
 
-    num_levels: int | None = eqx.field(static=True, default=256)
-    data_range: tuple[float, float] = eqx.field(static=True, default=(-1.0, 1.0))
+    num_levels: int | None = eqx.field(static=True, default=256, converter=_as_levels)
+    data_range: tuple[float, float] = eqx.field(
+        static=True, default=(-1.0, 1.0), converter=_as_range
+    )
 
     def __check_init__(self):
-        if self.num_levels is not None and self.num_levels < 2:
-            raise ValueError(f"`num_levels` must be >= 2 or None, got {self.num_levels!r}.")
-        low, high = self.data_range
-        if not high > low:
+        k = self.num_levels
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 2):
+            raise ValueError(f"`num_levels` must be an integer >= 2 or None, got {k!r}.")
+        ok = isinstance(self.data_range, tuple) and len(self.data_range) == 2
+        ok = ok and all(isinstance(v, float) and math.isfinite(v) for v in self.data_range)
+        if not ok or not self.data_range[1] > self.data_range[0]:
             raise ValueError(
-                f"`data_range` must be (low, high) with low < high, got {self.data_range!r}."
+                "`data_range` must be a tuple (low, high) of finite numbers with low < high, "
+                f"got {self.data_range!r}."
             )
 
     @property

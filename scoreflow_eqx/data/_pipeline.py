@@ -4,6 +4,7 @@ same dequantizer objects that evaluation uses (`scoreflow_eqx.data.UniformDequan
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._discretization import Discretization
@@ -42,7 +43,7 @@ def make_pipeline(
     split: str = "train",
     shuffle: bool = True,
     repeat: bool = True,
-    dtype=np.float32,
+    dtype=None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
@@ -66,7 +67,8 @@ def make_pipeline(
     - `seed`: shuffling and dequantization seed.
     - `discretization`: required for arrays; taken from the dataset otherwise.
     - `shuffle`, `repeat`: shuffle every epoch; repeat forever.
-    - `dtype`: the dtype of continuous data (levels keep their integer dtype).
+    - `dtype`: the dtype of continuous data (default: JAX's default float dtype, so
+        float64 when x64 is enabled); levels keep their integer dtype.
     - `process_index`, `process_count`: this process's slice of the data (default
         `jax.process_index()` / `jax.process_count()`).
 
@@ -101,7 +103,7 @@ def make_pipeline(
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
     if not discretization.is_discrete:
-        ds = ds.map(_Cast(dtype))
+        ds = ds.map(_Cast(jnp.zeros(()).dtype if dtype is None else dtype))
     return ds.to_iter_dataset()
 
 
@@ -110,7 +112,7 @@ class _Cast(grain.transforms.Map):
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
 
-    def map(self, element: np.ndarray) -> np.ndarray:
+    def map(self, element):  # pyright: ignore[reportIncompatibleMethodOverride]
         return np.asarray(element, dtype=self.dtype)
 
     def __repr__(self) -> str:

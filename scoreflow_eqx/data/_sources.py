@@ -108,7 +108,7 @@ def digits() -> Dataset:
     (no download)."""
     from sklearn.datasets import load_digits
 
-    images = load_digits().images.reshape(-1, 1, 8, 8)
+    images = np.asarray(getattr(load_digits(), "images")).reshape(-1, 1, 8, 8)
     images = _levels(images, 17)
     return Dataset(
         name="digits",
@@ -204,7 +204,8 @@ def from_arrays(
     **Returns:** a [`scoreflow_eqx.data.Dataset`][]. NaN/inf values or levels out of
     range raise a ValueError.
     """
-    discretization = Discretization(num_levels=num_levels, data_range=tuple(data_range))
+    low, high = data_range
+    discretization = Discretization(num_levels=num_levels, data_range=(low, high))
     train = np.asarray(train)
     if train.ndim < 2:
         raise ValueError(
@@ -238,6 +239,30 @@ def from_arrays(
 NPZ_KEYS = (("train", "test"), ("x_train", "x_test"))
 
 
+def _npz_arrays(path: str, arrays: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    # (train, test) from the arrays of a .npz file; anything ambiguous is refused.
+    known = [k for pair in NPZ_KEYS for k in pair]
+    pairs = [(tr, te) for tr, te in NPZ_KEYS if tr in arrays or te in arrays]
+    if len(pairs) > 1:
+        raise ValueError(
+            f"{path}: ambiguous contents: it holds both {NPZ_KEYS[0]} and {NPZ_KEYS[1]} "
+            f"keys ({sorted(arrays)}); keep one pair."
+        )
+    if pairs:
+        tr, te = pairs[0]
+        if tr not in arrays:
+            raise ValueError(f"{path}: has {te!r} but no {tr!r} array.")
+        extra = sorted(set(arrays) - {tr, te})
+        if extra:
+            raise ValueError(f"{path}: unexpected arrays {extra} beside {tr!r}/{te!r}.")
+        return arrays[tr], arrays.get(te)
+    if len(arrays) != 1:
+        raise ValueError(
+            f"{path}: expected the keys {known} or a single array, found {sorted(arrays)}."
+        )
+    return next(iter(arrays.values())), None
+
+
 def from_file(
     path: str | os.PathLike,
     *,
@@ -252,27 +277,19 @@ def from_file(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"No such data file: {path!r}.")
-    name = os.path.basename(path)
-    if path.endswith(".npy"):
-        train, test = np.load(path, allow_pickle=False), None
-    elif path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            keys = list(f.keys())
-            for tr, te in NPZ_KEYS:
-                if tr in keys:
-                    train = f[tr]
-                    test = f[te] if te in keys else None
-                    break
-            else:
-                if len(keys) != 1:
-                    raise ValueError(
-                        f"{path}: expected keys "
-                        f"{[k for pair in NPZ_KEYS for k in pair]} "
-                        f"or a single array, found {keys}."
-                    )
-                train, test = f[keys[0]], None
-    else:
-        raise ValueError(f"Data files must end in .npy or .npz, got {path!r}.")
+    name = path
+    try:
+        if path.endswith(".npy"):
+            train, test = np.load(path, allow_pickle=False), None
+        elif path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as f:
+                train, test = _npz_arrays(path, {k: f[k] for k in f.keys()})
+        else:
+            raise ValueError(f"Data files must end in .npy or .npz, got {path!r}.")
+    except (OSError, EOFError, ValueError) as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: cannot be read as a numeric array file: {e}") from e
     return from_arrays(
         train,
         test,
@@ -315,7 +332,7 @@ def load_dataset(
         return from_file(
             name_str,
             num_levels=num_levels,
-            data_range=(-1.0, 1.0) if data_range is None else tuple(data_range),
+            data_range=(-1.0, 1.0) if data_range is None else data_range,
             seed=seed,
         )
     if name_str not in DATASETS:

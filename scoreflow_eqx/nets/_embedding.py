@@ -26,8 +26,10 @@ class SinusoidalEmbedding(eqx.Module):
 
     def __call__(self, t: RealScalarLike) -> Float[Array, " dim"]:
         half = self.dim // 2
-        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / max(half - 1, 1))
-        arg = self.scale * jnp.asarray(t) * freqs
+        t = jnp.asarray(t)
+        dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else jnp.zeros(()).dtype
+        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=dtype) / max(half - 1, 1))
+        arg = self.scale * t.astype(dtype) * freqs
         return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)])
 
 

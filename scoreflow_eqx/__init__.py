@@ -47,6 +47,10 @@ from ._train import (
     TrainResult as TrainResult,
     TrainState as TrainState,
 )
+from ._variational import (
+    dequantization_loss as dequantization_loss,
+    VariationalDequantizer as VariationalDequantizer,
+)
 from .data._discretization import bits_per_dim as bits_per_dim
 
 

@@ -31,10 +31,16 @@ def log_ndtr_difference(a, b):
         return log_hi + np.log1p(-np.exp(log_lo - log_hi))
 
 
+def cell_width(discretization: sf.data.Discretization) -> float:
+    """The model-space width `a / K` of a cell."""
+    assert discretization.num_levels is not None
+    return discretization.scale / discretization.num_levels
+
+
 def cell_edges(levels, discretization: sf.data.Discretization):
     """Model-space lower and upper edges of the cells of `levels` (float64)."""
     k = np.asarray(levels, np.float64)
-    width = discretization.scale / discretization.num_levels
+    width = cell_width(discretization)
     low = discretization.data_range[0] + width * k
     return low, low + width
 
@@ -48,7 +54,7 @@ def log_cell_probability(mixture: sf.GaussianMixture, levels, discretization):
     per_dim = log_ndtr_difference((low[:, None] - means) / stds, (high[:, None] - means) / stds)
     per_component = per_dim.reshape(*per_dim.shape[:2], -1).sum(axis=-1)
     log_w = np.asarray(mixture.log_weights, np.float64)
-    return special.logsumexp(log_w + per_component, axis=1)
+    return np.asarray(special.logsumexp(log_w + per_component, axis=1))
 
 
 def offset_grid(dim: int, n: int) -> np.ndarray:
@@ -82,5 +88,5 @@ def quadrature_bound(log_p, log_q, level, discretization, *, n: int):
     mass = q.mean()
     terms = np.where(q > 0, q * (lq - lp), 0.0)
     expectation = np.sum(terms) / np.sum(q)
-    offset = d * math.log(discretization.scale / discretization.num_levels)
+    offset = d * math.log(cell_width(discretization))
     return float(expectation - offset), float(mass)

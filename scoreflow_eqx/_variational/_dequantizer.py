@@ -16,6 +16,7 @@ from ..data._dequantizers import (
     check_discrete,
     check_levels,
     clip_offsets,
+    num_levels_of,
 )
 from ..data._discretization import Discretization
 from ._spline import num_spline_params, rq_spline, rq_spline_inverse
@@ -23,6 +24,7 @@ from ._spline import num_spline_params, rq_spline, rq_spline_inverse
 
 def _zero_last_layer(mlp: eqx.nn.MLP) -> eqx.nn.MLP:
     last = mlp.layers[-1]
+    assert last.bias is not None
     return eqx.tree_at(
         lambda m: (m.layers[-1].weight, m.layers[-1].bias),
         mlp,
@@ -120,7 +122,10 @@ class VariationalDequantizer(AbstractDequantizer):
     - `context_size`: the number of context features of `k`.
     - `num_bins`: spline bins.
     - `bound`: the splines act on logits in `[-bound, bound]`, i.e. on
-        `u in [sigmoid(-bound), sigmoid(bound)]`; outside, `q` keeps its uniform start.
+        `u in [sigmoid(-bound), sigmoid(bound)]`; outside, the marginal density of each
+        offset stays 1 (mass `2 sigmoid(-bound)` per dimension, 9e-5 for the default 10;
+        with 6 instead, the gap to the exact discrete NLL of sharply peaked cells was
+        five times larger in the closed-form tests).
     - `dtype`: of the parameters and the offsets (default: JAX's default float).
     - `key`: PRNG key for the initialisation (keyword-only).
 
@@ -160,7 +165,7 @@ class VariationalDequantizer(AbstractDequantizer):
         depth: int = 2,
         context_size: int = 32,
         num_bins: int = 8,
-        bound: float = 6.0,
+        bound: float = 10.0,
         dtype=None,
         key: PRNGKeyArray,
     ):
@@ -202,7 +207,7 @@ class VariationalDequantizer(AbstractDequantizer):
 
     def _context(self, k):
         levels = k.reshape(-1).astype(self.dtype)
-        return self.context(2 * (levels + 0.5) / self.discretization.num_levels - 1)
+        return self.context(2 * (levels + 0.5) / num_levels_of(self.discretization) - 1)
 
     def _check(self, k):
         return check_levels(k, self.discretization, "VariationalDequantizer", self.data_shape)
@@ -225,7 +230,7 @@ class VariationalDequantizer(AbstractDequantizer):
             y, log_det = layer.forward(y, context)
             log_q = log_q - log_det
         log_q = log_q - jnp.sum(_log_logistic_density(y))
-        u = clip_offsets(jax.nn.sigmoid(y), self.discretization.num_levels)
+        u = clip_offsets(jax.nn.sigmoid(y), num_levels_of(self.discretization))
         x = self.discretization.dequantize(k, u.reshape(self.data_shape))
         return x.astype(self.dtype), log_q
 

@@ -60,6 +60,13 @@ def check_discrete(discretization: Discretization, name: str) -> None:
         )
 
 
+def num_levels_of(discretization: Discretization) -> int:
+    """`K` of a discrete discretization (an error for continuous data)."""
+    if discretization.num_levels is None:
+        raise ValueError("Continuous data (num_levels=None) are not dequantized.")
+    return discretization.num_levels
+
+
 def default_float_dtype():
     return jnp.zeros(()).dtype
 
@@ -69,10 +76,11 @@ def check_levels(
 ) -> Array:
     """`k` as an integer array; clear errors for floats and (when `shape` is given) a
     wrong shape at trace time, and for levels outside `0..K-1` at run time."""
+    num_levels = num_levels_of(discretization)
     k = jnp.asarray(k)
     if not jnp.issubdtype(k.dtype, jnp.integer):
         raise ValueError(
-            f"{name} dequantizes integer levels 0..{discretization.num_levels - 1}, got "
+            f"{name} dequantizes integer levels 0..{num_levels - 1}, got "
             f"dtype {k.dtype}. Pass the data's levels (e.g. uint8 pixels), not model-space "
             "values; `Discretization.quantize` maps model-space values to levels."
         )
@@ -81,7 +89,6 @@ def check_levels(
             f"{name} was built for examples of shape {shape}, got levels of shape "
             f"{k.shape}. It takes ONE example; use `jax.vmap` for a batch."
         )
-    num_levels = discretization.num_levels
     return eqx.error_if(
         k,
         (k < 0) | (k > num_levels - 1),
@@ -214,7 +221,7 @@ class TruncatedNormalDequantizer(AbstractDequantizer):
     def scale(self) -> float:
         """The standard deviation of the untruncated normal in units of the cell width
         (of `u`): `std K / a`."""
-        return self.std * self.discretization.num_levels / self.discretization.scale
+        return self.std * num_levels_of(self.discretization) / self.discretization.scale
 
     @property
     def truncation(self) -> float:
@@ -266,7 +273,7 @@ class TruncatedNormalDequantizer(AbstractDequantizer):
         r = jnp.minimum(r, jnp.asarray(tau, dtype))  # ndtri(0) = -inf if low underflows
         sign = jnp.where(jr.bernoulli(skey, 0.5, shape), 1, -1).astype(dtype)
         u = 0.5 + sign * jnp.asarray(self.scale, dtype) * r
-        return clip_offsets(u, self.discretization.num_levels)
+        return clip_offsets(u, num_levels_of(self.discretization))
 
     def __call__(
         self, k: Integer[Array, "*data"], *, key: PRNGKeyArray

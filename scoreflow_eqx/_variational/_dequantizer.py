@@ -107,9 +107,11 @@ class VariationalDequantizer(AbstractDequantizer):
 
     Sampling is reparameterised: `x` and `log_q` are differentiable in the parameters.
     The sigmoid of a logit above about 16.6 rounds to 1 in float32; `u` is therefore
-    clipped to `1 - spacing(K)` (see [`scoreflow_eqx.data.TruncatedNormalDequantizer`][]),
-    which keeps `k + u < k + 1` after rounding, and `log_q` is computed from the
-    logits, not from the rounded `u`.
+    clipped to `1 - spacing(K)` in its dtype (`1 - 3.1e-5` for `K = 256` in float32),
+    which keeps `k + u < k + 1` after rounding, so that no sample lands in the next
+    cell; `log_q` is computed from the logits, not from the clipped `u` (the clipped
+    mass is that of the logistic tail beyond `logit(1 - spacing(K))`, `spacing(K)` per
+    dimension).
 
     **Arguments:**
 

@@ -26,8 +26,10 @@ def dequantization_loss(
     on `-log p_SDE(x)` ([`scoreflow_eqx.nll_bound`][], `num_t` importance-sampled
     times, the eps correction with `num_eps_samples` draws).
 
-    It upper-bounds the discrete NLL: `-log P(k) <= objective - D log(a / K)`, and its
-    bits/dim are `dequantizer.discretization.bits_per_dim(objective, dim=D)`. The score
+    Its expectation minus `D log(a / K)` upper-bounds the discrete NLL of the SDE model,
+    `-log P(k)` with `P(k)` the mass of the cell of `k` under `p_SDE` (Jensen over `q`
+    and Theorem 3); its bits/dim are
+    `dequantizer.discretization.bits_per_dim(objective, dim=D)`. The score
     model is frozen (`jax.lax.stop_gradient` on the flow's arrays), so the gradient with
     respect to the dequantizer is that of the objective; minimise its mean over a batch
     (`jax.vmap` over examples and keys).

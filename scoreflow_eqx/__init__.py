@@ -67,6 +67,10 @@ from ._training import (
     TrainState as TrainState,
     WorkDirLocked as WorkDirLocked,
 )
+from ._variational import (
+    dequantization_loss as dequantization_loss,
+    VariationalDequantizer as VariationalDequantizer,
+)
 from .data._discretization import bits_per_dim as bits_per_dim
 
 

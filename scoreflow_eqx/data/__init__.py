@@ -2,6 +2,7 @@
 
 from ._dequantizers import (
     AbstractDequantizer as AbstractDequantizer,
+    TruncatedNormalDequantizer as TruncatedNormalDequantizer,
     UniformDequantizer as UniformDequantizer,
 )
 from ._discretization import Discretization as Discretization

@@ -1,0 +1,4 @@
+"""Variational dequantization: a conditional flow `q(u | k)` and its objective."""
+
+from ._dequantizer import VariationalDequantizer as VariationalDequantizer
+from ._loss import dequantization_loss as dequantization_loss

@@ -14,6 +14,7 @@ is refused clearly.
 
 import math
 
+import diffrax as dfx
 import discrete_truth as dt
 import equinox as eqx
 import jax
@@ -359,9 +360,10 @@ def test_sharp_mixture_truncated_normal_is_tight():
         discretization=DISC8,
         key=jr.key(5),
         dequantizer=tn,
-        divergence="exact",
-        rtol=1e-6,
-        atol=1e-6,
+        method=sf.ODELikelihood(
+            divergence=sf.ExactTrace(),
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+        ),
         show_progress=False,
     )
     # One dequantization per example and a batched solve: 5e-3 bits (a wrong log q or

@@ -15,6 +15,7 @@ Examples:
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -274,31 +275,60 @@ def final_evaluation(sf, flow, dataset, args, key) -> dict:
     return results
 
 
-def save_samples(sf, flow, dataset, args, key) -> str | None:
+def save_samples(sf, flow, dataset, args, key) -> dict | None:
+    """Samples by the three samplers side by side in `samples.png` (one grid each in
+    `samples_<sampler>.png`), and for digits their classifier scores."""
     import equinox as eqx
     import jax
     import jax.random as jr
+    import numpy as np
 
     if len(dataset.data_shape) != 3:
         return None  # a grid of images only makes sense for image data
-    from scoreflow_eqx.plotting import save_image_grid
+    from scoreflow_eqx.plotting import save_image_grid, save_image_grids
+
+    samplers = {
+        "ode": sf.ProbabilityFlow(),
+        "sde": sf.ReverseSDE(num_steps=250),
+        "pc": sf.PredictorCorrector(num_steps=250),
+    }
+    if args.quick:
+        samplers = {k: v if k == "ode" else dataclasses.replace(v, num_steps=10)
+                    for k, v in samplers.items()}  # fmt: skip
+
+    # The flow is an argument of the compiled function, not a constant baked into it.
+    @eqx.filter_jit
+    def draw(flow, sampler, keys):
+        return jax.vmap(lambda k: sf.sample(flow, key=k, sampler=sampler, throw=False))(keys)
 
     keys = jr.split(key, args.num_samples)
-    # The flow is an argument of the compiled function, not a constant baked into it.
-    draw = eqx.filter_jit(
-        lambda flow, keys: jax.vmap(lambda k: sf.sample(flow, dataset.data_shape, key=k))(keys)
-    )
-    samples = draw(flow, keys).x
-    path = os.path.join(args.workdir, "samples.png")
-    save_image_grid(
-        samples,
-        path,
-        nrow=int(math.ceil(math.sqrt(args.num_samples))),
-        data_range=dataset.discretization.data_range,  # clipped and mapped to [0, 1]
-        scale=max(1, 64 // max(dataset.data_shape[1:])),  # small images are upscaled
-    )
-    print(f"samples: {path}")
-    return path
+    samples = {name: np.asarray(draw(flow, s, keys).x) for name, s in samplers.items()}
+    data_range = dataset.discretization.data_range
+    scale = max(1, 64 // max(dataset.data_shape[1:]))  # small images are upscaled
+    for name, x in samples.items():
+        path = os.path.join(args.workdir, f"samples_{name}.png")
+        save_image_grid(x, path, data_range=data_range, scale=scale)
+    out = {"png": os.path.join(args.workdir, "samples.png")}
+    titles = {
+        "ode": "probability-flow ODE",
+        "sde": f"reverse SDE, {samplers['sde'].num_steps} steps",
+        "pc": f"predictor-corrector, {samplers['pc'].num_steps} steps",
+    }
+    if dataset.name == "digits":
+        from sample_quality import DigitsScorer
+
+        scorer = DigitsScorer(dataset)
+        out["scores"] = {name: scorer.score(x) for name, x in samples.items()}
+        out["scores"]["real_test_digits"] = scorer.score_real(args.num_samples)
+        for name, score in out["scores"].items():
+            confident, num, balance = score["num_confident"], score["num"], score["class_balance"]
+            print(f"samples ({name}): {confident} of {num} read as a digit with probability "
+                  f"> 0.8, class balance {abs(balance):.2f}")  # fmt: skip
+            if name in titles:
+                titles[name] += f"\n{confident} of {num} confident"
+    save_image_grids({titles[k]: x for k, x in samples.items()}, out["png"], data_range=data_range)
+    print(f"samples: {out['png']}")
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -135,3 +135,39 @@ def scatter_2d(
         ax.set_title(title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def save_image_grids(
+    panels: dict[str, ArrayLike],
+    path: str | os.PathLike,
+    *,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    nrow: int | None = None,
+    panel_size: float = 3.0,
+) -> None:
+    """Save several batches of images `(N, C, H, W)` side by side, one titled grid per
+    entry of `panels` (e.g. the samples of several samplers), as one PNG.
+
+    **Arguments:**
+
+    - `panels`: title -> images.
+    - `path`: the PNG file to write.
+    - `data_range`, `nrow`: as for [`scoreflow_eqx.plotting.make_image_grid`][].
+    - `panel_size`: the size of each panel in inches.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("`panels` is empty.")
+    fig = Figure(figsize=(panel_size * len(panels), panel_size + 0.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, images) in zip(axes, panels.items()):
+        grid = make_image_grid(images, nrow=nrow, data_range=data_range)
+        ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0,
+                  interpolation="nearest")  # fmt: skip
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")

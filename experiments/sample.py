@@ -167,7 +167,10 @@ def main(argv=None):
         data_range = None
         out = args.out or f"demo_{args.sde}_{args.method}.png"
     else:
-        flow, info = sf.load_flow(args.workdir, ema=not args.raw)
+        try:
+            flow, info = sf.load_flow(args.workdir, ema=not args.raw)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         shape = tuple(info["data_shape"])
         data_range = tuple(info["discretization"].data_range)
         step = info["step"]

@@ -340,28 +340,31 @@ def main(argv=None) -> dict:
 
     import scoreflow_eqx as sf
 
-    dataset = sf.data.load_dataset(
-        args.dataset,
-        seed=args.seed,
-        num_levels=args.num_levels,
-        data_range=None if args.data_range is None else tuple(args.data_range),
-    )
+    try:  # bad data or model settings: a message, not a traceback, before any work
+        dataset = sf.data.load_dataset(
+            args.dataset,
+            seed=args.seed,
+            num_levels=args.num_levels,
+            data_range=None if args.data_range is None else tuple(args.data_range),
+        )
+        args = resolve_defaults(args, dataset.data_shape)
+        cfg = sf.flow_config(
+            dataset.data_shape,
+            sde=args.sde,
+            sde_kwargs=sde_kwargs(args),
+            net=args.net,
+            net_kwargs=net_kwargs(args, dataset.data_shape),
+        )
+        init_key, train_key, eval_key, sample_key = jr.split(jr.key(args.seed), 4)
+        flow = sf.make_flow(cfg, key=init_key)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(dataset)
-    args = resolve_defaults(args, dataset.data_shape)
-    cfg = sf.flow_config(
-        dataset.data_shape,
-        sde=args.sde,
-        sde_kwargs=sde_kwargs(args),
-        net=args.net,
-        net_kwargs=net_kwargs(args, dataset.data_shape),
-    )
     print(
         f"net {args.net} {cfg['net_kwargs']}, {args.steps} steps at batch {args.batch_size}, "
         f"lr {args.lr}, EMA {args.ema_decay}, {args.weighting} weighting, "
         f"importance sampling {args.importance_sampling}"
     )
-    init_key, train_key, eval_key, sample_key = jr.split(jr.key(args.seed), 4)
-    flow = sf.make_flow(cfg, key=init_key)
     t0 = time.perf_counter()
     result = sf.train(
         flow,

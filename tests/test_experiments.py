@@ -73,3 +73,19 @@ def test_bad_arguments_fail_clearly(tmp_path):
     assert "digits" in out.stderr  # the message lists the valid names
     out = _run("experiments/train.py", "--sde", "vpp", "--workdir", str(tmp_path))
     assert out.returncode != 0 and "invalid choice" in out.stderr
+    # Flags that do not apply, and bad values, are refused before any work.
+    for flags, message in (
+        (["--sde", "ve", "--beta-max", "5"], "--beta-max do(es) not apply to --sde ve"),
+        (["--width", "64"], "--width/--depth are MLP options"),
+        (["--grad-clip", "0"], "--grad-clip must be a finite number > 0"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--net-kwargs", '{"hidden_size": 64}'], "hidden_size"),
+        (["--ema-decay", "1"], "--ema-decay must lie in [0, 1)"),
+    ):
+        out = _run("experiments/train.py", *flags, "--workdir", str(tmp_path / "x"))
+        assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
+        assert "Traceback" not in out.stderr
+    out = _run("experiments/sample.py", "--demo", "--method", "sde", "--snr", "0.1")
+    assert out.returncode != 0 and "--snr does not apply to --method sde" in out.stderr
+    out = _run("experiments/sample.py", "--workdir", str(tmp_path / "nothing"))
+    assert out.returncode != 0 and "not a training work directory" in out.stderr

@@ -5,6 +5,11 @@ from . import data as data, nets as nets, plotting as plotting
 from ._bound import nll_bound as nll_bound, NLLBoundResult as NLLBoundResult
 from ._bpd import BPDResult as BPDResult, evaluate_bpd as evaluate_bpd
 from ._checkpoint import Checkpointer as Checkpointer
+from ._conditioning import (
+    AbstractConditioning as AbstractConditioning,
+    LogSNRConditioning as LogSNRConditioning,
+    TimeConditioning as TimeConditioning,
+)
 from ._diagnostics import (
     loss_variance as loss_variance,
     LossVarianceResult as LossVarianceResult,

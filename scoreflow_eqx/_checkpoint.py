@@ -190,6 +190,26 @@ class Checkpointer:
             return None
         return ocp.StandardCheckpointHandler().metadata(path).tree
 
+    def as_stored(self, step: int, name: str, template: PyTree) -> PyTree:
+        """`template` (of `jax.ShapeDtypeStruct`s) with the floating-point dtypes that the
+        checkpoint stores for item `name`: a model saved in float32 then loads as float32
+        also under `jax_enable_x64` (whose templates are float64), and vice versa."""
+        stored = self._item_tree(step, name) if self.layout(step) == "paths" else None
+        if stored is None:
+            return template
+        stored = dict(stored)
+
+        def leaf(path, x):
+            meta = stored.get(jax.tree_util.keystr(path))
+            dtype = getattr(meta, "dtype", None)
+            if dtype is None or not (
+                jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating)
+            ):
+                return x
+            return jax.ShapeDtypeStruct(x.shape, np.dtype(dtype), sharding=x.sharding)
+
+        return jax.tree_util.tree_map_with_path(leaf, template)
+
     def layout(self, step: int) -> str:
         """`"paths"` (this layout) or `"leaf-lists"` (the first layout of the package,
         which stored every pytree as a list of leaves and its record as `config`)."""

@@ -7,6 +7,12 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 from . import nets
+from ._conditioning import (
+    AbstractConditioning,
+    conditioning_from_config,
+    conditioning_to_config,
+    TimeConditioning,
+)
 from ._flow import ScoreFlow
 from ._sde import AbstractSDE, SubVPSDE, VESDE, VPSDE
 
@@ -43,12 +49,19 @@ def flow_config(
     net_kwargs: dict[str, Any] | None = None,
     parameterization: str = "noise",
     eps: float | None = None,
+    conditioning: "AbstractConditioning | str" = "log_snr",
 ) -> dict[str, Any]:
     """A JSON-able description of a [`scoreflow_eqx.ScoreFlow`][] (see
-    [`scoreflow_eqx.make_flow`][]). Names are validated here, so typos fail early."""
+    [`scoreflow_eqx.make_flow`][]). Names are validated here, so typos fail early.
+
+    `conditioning` is what the net is conditioned on: `"log_snr"` (default,
+    [`scoreflow_eqx.LogSNRConditioning`][]`()`), `"time"`
+    ([`scoreflow_eqx.TimeConditioning`][]`()`) or such an object."""
     make_sde(sde, **(sde_kwargs or {}))  # validates
     if net not in NETS:
         raise ValueError(f"Unknown net {net!r}; valid nets are {list(NETS)}.")
+    if not isinstance(conditioning, AbstractConditioning):
+        conditioning = conditioning_from_config(conditioning)
     return {
         "data_shape": [int(s) for s in data_shape],
         "sde": sde.lower(),
@@ -57,7 +70,16 @@ def flow_config(
         "net_kwargs": dict(net_kwargs or {}),
         "parameterization": parameterization,
         "eps": eps,
+        "conditioning": conditioning_to_config(conditioning),
     }
+
+
+def _legacy_conditioning(config: dict[str, Any]) -> AbstractConditioning:
+    # Configs written before the "conditioning" key: the nets embedded the time itself,
+    # the sinusoidal embedding as `1000 t` (now `TimeConditioning(scale=1000)` and an
+    # embedding of unit scale: the same numbers).
+    embedding = config.get("net_kwargs", {}).get("embedding", "sinusoidal")
+    return TimeConditioning(scale=1000.0 if embedding == "sinusoidal" else 1.0)
 
 
 def make_flow(config: dict[str, Any], *, key: PRNGKeyArray | None = None) -> ScoreFlow:
@@ -66,15 +88,22 @@ def make_flow(config: dict[str, Any], *, key: PRNGKeyArray | None = None) -> Sco
 
     **Arguments:**
 
-    - `config`: the dict.
+    - `config`: the dict. A config without `"conditioning"` (written before it existed)
+        builds the nets of that time: conditioned on the time, `1000 t` for the
+        sinusoidal embedding.
     - `key`: initialisation key of the net (irrelevant when parameters are loaded next).
     """
     key = jr.key(0) if key is None else key
     sde = make_sde(config["sde"], **config.get("sde_kwargs", {}))
+    if "conditioning" in config:
+        conditioning = conditioning_from_config(config["conditioning"])
+    else:
+        conditioning = _legacy_conditioning(config)
     net = make_net(
         config["net"],
         tuple(config["data_shape"]),
         key=key,
+        conditioning=conditioning,
         **config.get("net_kwargs", {}),
     )
     return ScoreFlow(

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 from jaxtyping import PRNGKeyArray
 
+from ._conditioning import AbstractConditioning, TimeConditioning
 from ._custom_types import Data, RealScalarLike, Scalar
 from ._losses import dsm_loss
 from ._sde import AbstractSDE
@@ -29,6 +30,13 @@ class ScoreFlow(eqx.Module):
         is `-net(t, x) / sigma_t`; `"score"`: the net output is the score itself.
     - `eps`: the smallest time used in training, likelihoods and sampling; defaults to
         `sde.default_eps`.
+    - `conditioning`: what the net receives in place of the time, `net(c, x)` with `c =
+        conditioning(sde, t)`: an [`scoreflow_eqx.AbstractConditioning`][]. Default: the
+        net's own `conditioning` attribute if it has one (the nets of
+        `scoreflow_eqx.nets` are conditioned on the log-SNR by default:
+        [`scoreflow_eqx.LogSNRConditioning`][]), else `t` itself
+        ([`scoreflow_eqx.TimeConditioning`][]`()`), so that any callable `net(t, x)`, such
+        as an exact score, receives the time.
 
     ??? cite "Reference"
 
@@ -46,6 +54,7 @@ class ScoreFlow(eqx.Module):
     net: Callable[[RealScalarLike, Data], Data]
     parameterization: str = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    conditioning: AbstractConditioning
 
     def __init__(
         self,
@@ -54,6 +63,7 @@ class ScoreFlow(eqx.Module):
         *,
         parameterization: str = "noise",
         eps: float | None = None,
+        conditioning: AbstractConditioning | None = None,
     ):
         if not isinstance(sde, AbstractSDE):
             raise TypeError(f"`sde` must be an AbstractSDE, got {type(sde).__name__}.")
@@ -71,9 +81,10 @@ class ScoreFlow(eqx.Module):
         self.net = net
         self.parameterization = parameterization
         self.eps = eps
+        self.conditioning = _resolve_conditioning(net, conditioning)
 
     def _net(self, t: RealScalarLike, x: Data) -> Data:
-        out = self.net(t, x)
+        out = self.net(self.conditioning(self.sde, t), x)
         if getattr(out, "shape", None) != x.shape:
             raise ValueError(
                 f"The net {type(self.net).__name__} maps an example of shape {x.shape} to "
@@ -133,3 +144,21 @@ class ScoreFlow(eqx.Module):
             importance_sampling=importance_sampling,
             t=t,
         )
+
+
+def _resolve_conditioning(net, conditioning) -> AbstractConditioning:
+    own = getattr(net, "conditioning", None)
+    if conditioning is None:
+        conditioning = TimeConditioning() if own is None else own
+    elif own is not None and own != conditioning:
+        raise ValueError(
+            f"`conditioning`={conditioning!r} differs from the one the net "
+            f"{type(net).__name__} was built for ({own!r}); build the net with "
+            "`conditioning=` instead, or leave it out here."
+        )
+    if not isinstance(conditioning, AbstractConditioning):
+        raise TypeError(
+            "`conditioning` must be an sf.AbstractConditioning (e.g. "
+            f"sf.LogSNRConditioning() or sf.TimeConditioning()), got {conditioning!r}."
+        )
+    return conditioning

@@ -307,7 +307,8 @@ def test_scoreflow_unet_noise_parameterization(unet8, batched_apply):
         return jax.vmap(flow.score)(t, x), jax.vmap(flow.scaled_score)(t, x), sigma
 
     score, scaled, sigma = scores(flow, t, x)
-    out = batched_apply(unet8, t, x)
+    c = jax.vmap(lambda t: unet8.conditioning(sde, t))(t)  # what the flow gives the net
+    out = batched_apply(unet8, c, x)
     assert tree_allclose(score, -out / sigma[:, None, None, None], rtol=1e-10)
     assert tree_allclose(scaled, -out, rtol=1e-12)
 

@@ -31,8 +31,8 @@ def _is_param(x) -> bool:
 
 def describe_flow(flow: ScoreFlow) -> dict[str, Any]:
     """What identifies a flow apart from its parameter values: the SDE (its repr holds
-    every parameter), the parameterization, `eps`, the net's class, and the shapes of
-    every parameter array by tree path."""
+    every parameter), the parameterization, `eps`, the conditioning, the net's class,
+    and the shapes of every parameter array by tree path."""
     params = eqx.filter(flow, _is_param)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     shapes = {jax.tree_util.keystr(p): list(x.shape) for p, x in flat}
@@ -40,6 +40,7 @@ def describe_flow(flow: ScoreFlow) -> dict[str, Any]:
         "sde": repr(flow.sde),
         "parameterization": flow.parameterization,
         "eps": flow.eps,
+        "conditioning": repr(flow.conditioning),
         "net": type(flow.net).__qualname__,
         "num_params": int(sum(math.prod(s) for s in shapes.values())),
         "param_shapes_sha1": fingerprint_json(shapes),

@@ -281,7 +281,8 @@ def _load_step(checkpointer: Checkpointer, step: int, like, ema: bool, where: st
         )
     params, static = eqx.partition(_template(record, like, where), eqx.is_inexact_array)
     name = "ema_params" if ema else "params"
-    restored = checkpointer.restore_step(step, {name: abstract_like(params)})
+    abstract = checkpointer.as_stored(step, name, abstract_like(params))
+    restored = checkpointer.restore_step(step, {name: abstract})
     return eqx.combine(restored.items[name], static), record, record["data"]
 
 

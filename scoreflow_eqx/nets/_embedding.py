@@ -1,4 +1,5 @@
-"""Time embeddings for score networks."""
+"""Embeddings of the scalar a score network is conditioned on (the log-SNR or the time,
+see `scoreflow_eqx.AbstractConditioning`)."""
 
 import math
 
@@ -12,13 +13,26 @@ from .._custom_types import RealScalarLike
 
 
 class SinusoidalEmbedding(eqx.Module):
-    """Transformer-style sinusoidal embedding of a scalar time `t`, scaled by `scale`
-    (so `t in [0, 1]` spans many periods), of even dimension `dim`."""
+    """Transformer-style sinusoidal embedding of a scalar `c`, of even dimension `dim`:
+    `sin(scale c w_i)` and `cos(scale c w_i)` with `dim / 2` frequencies `w_i` spaced
+    geometrically from 1 down to `1 / 10000`.
+
+    With the default `scale = 1` the fastest feature has a period of `2 pi` in `c`: suited
+    to the log-SNR conditioning of the nets (`c = log(sigma_t / alpha_t)`, about -7 to 5),
+    and a smooth function of the time. (Song et al.'s DDPM++ embeds `1000 t`, whose
+    fastest feature has a period of `2 pi / 1000` in `t`; see
+    [`scoreflow_eqx.TimeConditioning`][].)
+
+    **Arguments:**
+
+    - `dim`: even, >= 2.
+    - `scale`: multiplies `c` (default 1).
+    """
 
     dim: int = eqx.field(static=True)
     scale: float = eqx.field(static=True)
 
-    def __init__(self, dim: int, scale: float = 1000.0):
+    def __init__(self, dim: int, scale: float = 1.0):
         if dim < 2 or dim % 2:
             raise ValueError(f"`dim` must be an even integer >= 2, got {dim!r}.")
         self.dim = dim
@@ -52,9 +66,25 @@ class FourierEmbedding(eqx.Module):
         return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)])
 
 
-def make_embedding(kind: str, dim: int, *, key: PRNGKeyArray):
-    if kind == "sinusoidal":
+EMBEDDINGS: tuple[str, ...] = ("sinusoidal", "fourier")
+
+
+def make_embedding(embedding: "str | eqx.Module", dim: int, *, key: PRNGKeyArray) -> eqx.Module:
+    """The embedding module of a net: `"sinusoidal"` (`SinusoidalEmbedding(dim)`),
+    `"fourier"` (`FourierEmbedding(dim)`), or a module `c -> (dim,)` as it is."""
+    if isinstance(embedding, eqx.Module):
+        out = jax.eval_shape(embedding, jnp.zeros(()))
+        if getattr(out, "shape", None) != (dim,):
+            raise ValueError(
+                f"The embedding {type(embedding).__name__} maps a scalar to shape "
+                f"{getattr(out, 'shape', out)}; this net needs shape ({dim},)."
+            )
+        return embedding
+    if embedding == "sinusoidal":
         return SinusoidalEmbedding(dim)
-    if kind == "fourier":
+    if embedding == "fourier":
         return FourierEmbedding(dim, key=key)
-    raise ValueError(f"Unknown time embedding {kind!r}; valid ones are ['sinusoidal', 'fourier'].")
+    raise ValueError(
+        f"Unknown embedding {embedding!r}; valid ones are {list(EMBEDDINGS)} or an "
+        "embedding module."
+    )

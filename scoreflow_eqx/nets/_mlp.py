@@ -8,6 +8,7 @@ import jax
 import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
+from .._conditioning import AbstractConditioning, LogSNRConditioning
 from .._custom_types import Data, RealScalarLike
 from ._embedding import make_embedding
 from ._shapes import check_shape
@@ -22,7 +23,12 @@ class MLP(eqx.Module):
     - `data_shape`: the shape of one example, e.g. `(2,)`.
     - `width_size`: hidden width.
     - `depth`: number of hidden layers.
-    - `embedding`: `"sinusoidal"` or `"fourier"` (Gaussian random features).
+    - `embedding`: the embedding of the conditioning variable `c`: `"sinusoidal"`
+        (default), `"fourier"` (Gaussian random features), or a module mapping a scalar
+        to `(embedding_dim,)`.
+    - `conditioning`: what the net is conditioned on, `c = conditioning(sde, t)`,
+        applied by [`scoreflow_eqx.ScoreFlow`][] (default
+        [`scoreflow_eqx.LogSNRConditioning`][]`()`: `c = log(sigma_t / alpha_t)`).
     - `embedding_dim`: size of the time embedding.
     - `activation`: the nonlinearity (default SiLU).
     - `key`: PRNG key (keyword-only).
@@ -35,6 +41,7 @@ class MLP(eqx.Module):
     layers: tuple[eqx.nn.Linear, ...]
     time_layers: tuple[eqx.nn.Linear, ...]
     out: eqx.nn.Linear
+    conditioning: AbstractConditioning
     data_shape: tuple[int, ...] = eqx.field(static=True)
     activation: Callable = eqx.field(static=True)
 
@@ -44,8 +51,9 @@ class MLP(eqx.Module):
         width_size: int = 128,
         depth: int = 3,
         *,
-        embedding: str = "sinusoidal",
+        embedding: "str | eqx.Module" = "sinusoidal",
         embedding_dim: int = 32,
+        conditioning: AbstractConditioning = LogSNRConditioning(),
         activation: Callable = jax.nn.silu,
         key: PRNGKeyArray,
     ):
@@ -53,6 +61,7 @@ class MLP(eqx.Module):
             raise ValueError(f"`depth` must be >= 1, got {depth!r}.")
         self.data_shape = tuple(int(s) for s in data_shape)
         self.activation = activation
+        self.conditioning = conditioning
         d = math.prod(self.data_shape)
         ekey, okey, *lkeys = jr.split(key, 2 + 2 * depth)
         self.embedding = make_embedding(embedding, embedding_dim, key=ekey)

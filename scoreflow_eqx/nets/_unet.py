@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
+from .._conditioning import AbstractConditioning, LogSNRConditioning
 from .._custom_types import Data, RealScalarLike
 from ._embedding import make_embedding
 from ._layers import Conv2dNHWC, GroupNormLast
@@ -213,7 +214,11 @@ class UNet(eqx.Module):
         28x28) at which self-attention follows each residual block; the middle block
         always has one attention layer unless this is empty.
     - `attention_heads`: heads of every attention layer.
-    - `embedding`: `"sinusoidal"` or `"fourier"` time embedding.
+    - `embedding`: the embedding of the conditioning variable `c`: `"sinusoidal"`
+        (default), `"fourier"`, or a module mapping a scalar to `(base_channels,)`.
+    - `conditioning`: what the net is conditioned on, `c = conditioning(sde, t)`,
+        applied by [`scoreflow_eqx.ScoreFlow`][] (default
+        [`scoreflow_eqx.LogSNRConditioning`][]`()`: `c = log(sigma_t / alpha_t)`).
     - `groups`: GroupNorm groups for every layer; default `None` picks per layer the
         largest divisor of the width up to `min(width // 4, 32)` (as DDPM++).
     - `layout`: `"channels_last"` (default). `"channels_first"` builds the same network
@@ -242,6 +247,7 @@ class UNet(eqx.Module):
     upsamples: tuple[_Upsample, ...]
     norm_out: eqx.Module
     conv_out: eqx.Module
+    conditioning: AbstractConditioning
     data_shape: tuple[int, int, int] = eqx.field(static=True)
     layout: str = eqx.field(static=True)
 
@@ -254,7 +260,8 @@ class UNet(eqx.Module):
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (),
         attention_heads: int = 1,
-        embedding: str = "sinusoidal",
+        embedding: "str | eqx.Module" = "sinusoidal",
+        conditioning: AbstractConditioning = LogSNRConditioning(),
         groups: int | None = None,
         layout: str = "channels_last",
         key: PRNGKeyArray,
@@ -303,6 +310,7 @@ class UNet(eqx.Module):
 
         self.data_shape = data_shape
         self.layout = layout
+        self.conditioning = conditioning
         cl = layout == "channels_last"
         keys = iter(jr.split(key, 64 + 8 * len(channel_mults) * (num_res_blocks + 2)))
         c_in = data_shape[0]
@@ -397,7 +405,8 @@ class UNet(eqx.Module):
         )
 
     def __call__(self, t: RealScalarLike, x: Data) -> Data:
-        """**Arguments:** `t` a scalar time, `x` one image `(C, H, W)`.
+        """**Arguments:** `t` the scalar the net is conditioned on (`conditioning(sde,
+        t)`, which [`scoreflow_eqx.ScoreFlow`][] computes), `x` one image `(C, H, W)`.
 
         **Returns:** an array shaped like `x` (the predicted noise, or score, depending
         on the `ScoreFlow` parameterization).

@@ -31,7 +31,15 @@ import sys
 import time
 
 
-OPTIONS = ("dopri5", "tsit5", "bosh3", "dopri8", "dopri5-xnorm", "dopri5-nllnorm")
+OPTIONS = (
+    "dopri5",
+    "tsit5",
+    "bosh3",
+    "dopri8",
+    "dopri5-xnorm",
+    "dopri5-nllnorm",
+    "dopri5-logsnrtime",
+)
 
 
 def parse_args(argv=None):
@@ -198,9 +206,42 @@ def option(name: str, tol: float):
 
     solver_name, _, norm = name.partition("-")
     solver = {"dopri5": dfx.Dopri5, "tsit5": dfx.Tsit5, "bosh3": dfx.Bosh3, "dopri8": dfx.Dopri8}
-    kwargs = {"norm": {"xnorm": _x_norm, "nllnorm": _nll_norm}[norm]} if norm else {}
+    norms = {"xnorm": _x_norm, "nllnorm": _nll_norm}
+    kwargs = {"norm": norms[norm]} if norm in norms else {}
     tol = jnp.asarray(tol, jnp.float32)  # an array: one compilation for every tolerance
     return solver[solver_name](), dfx.PIDController(rtol=tol, atol=tol, **kwargs)
+
+
+def ode_nll_in_log_snr_time(sf, flow, x, key, solver, ctrl):
+    """`sf.ode_nll` solved in the time `lambda = log(sigma_t / alpha_t)` instead of `t`:
+    `d(x, delta)/d lambda = (h, div h) dt/d lambda`, `dt/d lambda = 2 sigma_t^2 / g(t)^2`
+    (the same ODE, so the same NLL; only the steps differ)."""
+    import diffrax as dfx
+    import jax
+    import jax.numpy as jnp
+
+    from scoreflow_eqx._likelihood import augmented_vector_field
+    from scoreflow_eqx._solver import solve_options
+
+    sde, divergence = flow.sde, sf.Hutchinson()
+    vf = augmented_vector_field(flow, divergence)
+
+    def vf_lambda(lam, y, state):
+        t = sde.inverse_neg_log_snr(2 * lam)
+        _, sigma = sde.marginal(t)
+        dt = 2 * sigma**2 / sde.diffusion_squared(t)
+        return jax.tree.map(lambda v: v * dt.astype(v.dtype), vf(t, y, state))
+
+    options = solve_options(
+        solver=solver, stepsize_controller=ctrl, rtol=None, atol=None, dt0=None,
+        max_steps=4096, adjoint=dfx.RecursiveCheckpointAdjoint(), throw=False,
+        progress_meter=dfx.NoProgressMeter(),
+    )  # fmt: skip
+    lam0, lam1 = (0.5 * sde.neg_log_snr(jnp.asarray(t, x.dtype)) for t in (flow.eps, sde.T))
+    y0 = (x, jnp.zeros((), x.dtype))
+    sol, nfe = options.solve(vf_lambda, lam0, lam1, y0, divergence.init(x, key=key))
+    (z,), (delta,) = sol.ys
+    return -(sde.prior_logp(z) + delta), nfe
 
 
 def timed(fn, repeats: int):
@@ -232,6 +273,13 @@ def run_candidates(sf, args, flow, xs, probes, reference, dim) -> list[dict]:
         return res.nll, res.nfe
 
     @eqx.filter_jit
+    def per_example_log_snr_time(flow, xs, probes, solver, ctrl):
+        def one(x, p):
+            return ode_nll_in_log_snr_time(sf, flow, x, p, solver, ctrl)
+
+        return jax.vmap(one)(xs, probes)
+
+    @eqx.filter_jit
     def batched(flow, xs, probes, solver, ctrl):
         res = sf.ode_nll_batched(
             flow, xs, key=probes, solver=solver, stepsize_controller=ctrl,
@@ -243,6 +291,8 @@ def run_candidates(sf, args, flow, xs, probes, reference, dim) -> list[dict]:
     rows = []
     for name in args.options:
         modes = {"per-example": per_example}
+        if name.endswith("logsnrtime"):
+            modes = {"per-example": per_example_log_snr_time}
         if name == "dopri5":
             modes["batched"] = batched
         for mode, fn in modes.items():

@@ -122,6 +122,10 @@ class Hutchinson(AbstractDivergence):
     - `num_probes`: probes averaged at each evaluation.
     - `mode`: `"forward"` (default) or `"reverse"` (as the paper's released code).
 
+    The probes of a key are the same whatever the dtype of `x` and whether
+    `jax_enable_x64` is on (Gaussian probes are drawn in float32), so a float32
+    likelihood can be checked against a float64 solve with the same probes.
+
     ??? cite "Reference"
 
         ```bibtex
@@ -164,8 +168,11 @@ class Hutchinson(AbstractDivergence):
             )
         shape = (self.num_probes, *x.shape)
         if self.probe == "rademacher":
-            return jr.rademacher(key, shape, x.dtype)
-        return jr.normal(key, shape, x.dtype)
+            # From 32 random bits, not `jr.rademacher`, whose draws change with
+            # `jax_enable_x64`: the same key gives the same probes in float32 and float64.
+            bits = jr.bits(key, shape, jnp.uint32)
+            return (2 * (bits & 1).astype(jnp.int32) - 1).astype(x.dtype)
+        return jr.normal(key, shape, jnp.float32).astype(x.dtype)
 
     def value_and_divergence(
         self,

@@ -96,6 +96,22 @@ def test_hutchinson_divergence_unbiased(mode, probe):
         assert set(np.unique(np.asarray(probes))) == {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_probes_do_not_depend_on_precision(probe):
+    # The same key gives the same probes in float32 (with jax_enable_x64 off, as users
+    # run) and in float64, so a float32 likelihood can be checked against a float64 solve
+    # of the same estimate (`jr.rademacher` alone changes its draws with x64).
+    estimator = sf.Hutchinson(probe=probe, num_probes=3)
+    with jax.enable_x64(False):
+        p32 = np.asarray(estimator.init(jnp.zeros((2, 5), jnp.float32), key=jr.key(4)))
+    p64 = np.asarray(estimator.init(jnp.zeros((2, 5), jnp.float64), key=jr.key(4)))
+    assert p32.dtype == np.float32 and p64.dtype == np.float64
+    np.testing.assert_array_equal(p32.astype(np.float64), p64)
+    # Zero mean, unit variance (a check that the bits are used correctly).
+    many = np.asarray(estimator.init(jnp.zeros(20000), key=jr.key(5)))
+    assert abs(many.mean()) < 0.02 and abs(many.var() - 1) < 0.03
+
+
 def test_estimator_objects_are_checked():
     with pytest.raises(ValueError, match="valid probes"):
         sf.Hutchinson(probe="uniform")

@@ -14,9 +14,12 @@ SCRIPTS = [
     "experiments/train.py",
     "experiments/sample.py",
     "experiments/exact_nll_demo.py",
+    "experiments/paper_table.py",
     "benchmarks/nfe_per_nll.py",
     "benchmarks/net_in_loop.py",
     "benchmarks/train_step.py",
+    "benchmarks/nfe_accuracy.py",
+    "benchmarks/eval_time.py",
 ]
 
 

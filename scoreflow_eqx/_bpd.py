@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import scipy.special
 import scipy.stats
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from tqdm.auto import tqdm
 
+from ._divergence import ExactTrace
 from ._flow import ScoreFlow
-from ._nll_methods import AbstractLikelihoodMethod, as_method
+from ._nll_methods import AbstractLikelihoodMethod, as_method, ODELikelihood
 from .data._dequantizers import AbstractDequantizer, UniformDequantizer
 from .data._discretization import Discretization
 
@@ -122,32 +124,37 @@ def _dequantizer_for(discretization: Discretization, dequantizer) -> Dequantizer
 
 
 @eqx.filter_jit
-def _evaluate_batch(flow, batch, keys, dequantizer, method: AbstractLikelihoodMethod, k: int):
-    # Per-example (nll in nats incl. log q, nfe, failed), all on device; with k > 1 the
-    # importance-weighted estimate over k dequantizations of every example.
-    split = jax.vmap(jr.split)(keys)
-    dkeys, mkeys = split[:, 0], split[:, 1]
+def _solve_batch(flow, batch, dkeys, mkeys, dequantizer, method: AbstractLikelihoodMethod):
+    # Per solve (nll in nats incl. log q, nfe, failed), all on device.
     if dequantizer is None:
         dtype = jnp.zeros(()).dtype
         xs, log_q = batch.astype(dtype), jnp.zeros(batch.shape[:1], dtype)
-        nll, nfe, failed = method.batch_nll(flow, xs, mkeys)
-        return nll + log_q.astype(nll.dtype), nfe, failed
+    else:
+        xs, log_q = jax.vmap(lambda k, key: dequantizer(k, key=key))(batch, dkeys)
+    nll, nfe, failed = method.batch_nll(flow, xs, mkeys)
+    return nll + log_q.astype(nll.dtype), nfe, failed
+
+
+def _evaluate_batch(flow, batch, keys, dequantizer, method, k: int):
+    # Per example (nll, nfe, failed); with k > 1 the importance-weighted estimate over k
+    # dequantizations of every example: `batch * k` solves in one compiled call (the
+    # same compiled call for any k at equal `batch * k`), then a logsumexp over each
+    # example's k values.
+    split = jax.vmap(jr.split)(keys)
+    dkeys, mkeys = split[:, 0], split[:, 1]
     if k == 1:
-        xs, log_q = jax.vmap(lambda lv, key: dequantizer(lv, key=key))(batch, dkeys)
-        nll, nfe, failed = method.batch_nll(flow, xs, mkeys)
-        return nll + log_q.astype(nll.dtype), nfe, failed
-    # k dequantizations and likelihood keys per example, flattened to one batch of
-    # `batch * k` solves, then a logsumexp over each example's k values.
+        return _solve_batch(flow, batch, dkeys, mkeys, dequantizer, method)
     n = batch.shape[0]
     dkeys = jax.vmap(lambda key: jr.split(key, k))(dkeys).reshape(n * k)
     mkeys = jax.vmap(lambda key: jr.split(key, k))(mkeys).reshape(n * k)
     levels = jnp.repeat(batch, k, axis=0)
-    xs, log_q = jax.vmap(lambda lv, key: dequantizer(lv, key=key))(levels, dkeys)
-    nll, nfe, failed = method.batch_nll(flow, xs, mkeys)
-    values = (nll + log_q.astype(nll.dtype)).reshape(n, k)
-    iw = math.log(k) - jax.nn.logsumexp(-values, axis=1)
-    failed = jnp.any(failed.reshape(n, k), axis=1)
-    return jnp.where(failed, jnp.nan, iw), jnp.sum(nfe.reshape(n, k), axis=1), failed
+    values, nfe, failed = (
+        np.asarray(v).reshape(n, k)
+        for v in _solve_batch(flow, levels, dkeys, mkeys, dequantizer, method)
+    )
+    iw = math.log(k) - scipy.special.logsumexp(-values.astype(np.float64), axis=1)
+    failed = failed.any(axis=1)
+    return np.where(failed, np.nan, iw), nfe.sum(axis=1), failed
 
 
 def confidence_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -186,6 +193,24 @@ def _run(flow, data, key, dequantizer, method, discretization, batch_size, repea
     return out[0], out[1], out[2].astype(bool)
 
 
+def _check_importance_weighting(method, k: int, allow_biased: bool) -> None:
+    exact = isinstance(method, ODELikelihood) and isinstance(method.divergence, ExactTrace)
+    if k == 1 or exact or allow_biased:
+        return
+    if isinstance(method, ODELikelihood):
+        what = f"the ODE with the {type(method.divergence).__name__} divergence estimator"
+    else:
+        what = f"{type(method).__name__} (a Monte Carlo estimate of its bound)"
+    raise ValueError(
+        f"`num_importance_samples`={k} with {what}: the importance-weighted logsumexp of "
+        "a noisy NLL estimate is biased low, by about (1 - 1/K) s^2 / 2 nats for an "
+        "estimator of variance s^2, and is then no upper bound (see evaluate_bpd's "
+        "docstring for measurements). Valid: `method=sf.ODELikelihood(divergence="
+        "sf.ExactTrace())`, or `num_importance_samples=1`; pass `allow_biased=True` to "
+        "compute it anyway."
+    )
+
+
 def evaluate_bpd(
     flow: ScoreFlow,
     data: ArrayLike,
@@ -195,6 +220,7 @@ def evaluate_bpd(
     method: AbstractLikelihoodMethod | str = "ode",
     dequantizer: Dequantizer | None = None,
     num_importance_samples: int = 1,
+    allow_biased: bool = False,
     batch_size: int = 64,
     num_repeats: int = 1,
     show_progress: bool = True,
@@ -252,7 +278,11 @@ def evaluate_bpd(
     - `dequantizer`: a dequantizer for the data's discretization (e.g.
         [`scoreflow_eqx.VariationalDequantizer`][]); for discrete data only.
     - `num_importance_samples`: `M`, dequantizations per example for the
-        importance-weighted estimate (discrete data only; default 1).
+        importance-weighted estimate (discrete data only; default 1). `M > 1` is refused
+        unless the NLL is exact (`ODELikelihood(divergence=sf.ExactTrace())`) or
+        `allow_biased=True`.
+    - `allow_biased`: allow `M > 1` with a noisy NLL estimate (Hutchinson probes, or the
+        bound), whose importance-weighted value is biased low (see above).
     - `batch_size`: examples per compiled batch.
     - `num_repeats`: evaluations per example (fresh dequantization noise and probes),
         averaged per example.
@@ -299,6 +329,7 @@ def evaluate_bpd(
             "but `discretization` has num_levels=None (continuous data are not "
             "dequantized); use 1 for continuous data."
         )
+    _check_importance_weighting(method, num_importance_samples, allow_biased)
     dequantizer = _dequantizer_for(discretization, dequantizer)
     data = _check_data(data, discretization)
     if discretization.is_discrete:

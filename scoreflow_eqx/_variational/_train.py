@@ -199,7 +199,8 @@ def _items(state: _State) -> dict[str, Any]:
 def _restore(checkpointer: Checkpointer, state: _State, record: dict) -> _State:
     if checkpointer.latest_step() is None:
         return state
-    restored = checkpointer.restore(abstract_like(_items(state)), quarantine=True)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = checkpointer.restore(abstract_like(_items(state), sharding), quarantine=True)
     if restored is None:
         return state
     saved = restored.record or {}
@@ -365,6 +366,9 @@ def train_dequantizer(
     params, static = eqx.partition(dequantizer, eqx.is_inexact_array)
     zero = jnp.asarray(0, jnp.int32)
     state = _State(params, optimizer.init(params), zero, key, zero, zero)
+    # Committed to one device, as a restored state is: the compiled step is then reused
+    # after a resume (jit specialises on the arrays' placement).
+    state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     record = _record(
         dequantizer,
         flow,

@@ -152,7 +152,8 @@ def _evaluate_batch(flow, batch, keys, dequantizer, method, k: int):
         np.asarray(v).reshape(n, k)
         for v in _solve_batch(flow, levels, dkeys, mkeys, dequantizer, method)
     )
-    iw = math.log(k) - scipy.special.logsumexp(-values.astype(np.float64), axis=1)
+    lse = np.asarray(scipy.special.logsumexp(-values.astype(np.float64), axis=1))
+    iw = math.log(k) - lse
     failed = failed.any(axis=1)
     return np.where(failed, np.nan, iw), nfe.sum(axis=1), failed
 

@@ -252,6 +252,8 @@ def write_table(results, info, args, train_seconds):
         "(K solves per example); '(biased low)': with a noisy NLL estimate the "
         "importance-weighted value is biased low and not a bound (sf.evaluate_bpd)."
     )
+    if train_seconds:
+        md += f" Variational dequantizer: trained in {train_seconds:.0f} s this call."
     with open(os.path.join(args.workdir, "dequantize_results.md"), "w") as f:
         f.write(md + "\n")
     summary = {"rows": results, "dequantizer_train_seconds": train_seconds,

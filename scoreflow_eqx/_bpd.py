@@ -95,6 +95,10 @@ def _check_data(data, discretization: Discretization) -> np.ndarray:
     return data
 
 
+def _describe(discretization: Discretization) -> str:
+    return f"num_levels={discretization.num_levels}, data_range={discretization.data_range}"
+
+
 def _dequantizer_for(discretization: Discretization, dequantizer) -> Dequantizer | None:
     if not discretization.is_discrete:
         if dequantizer is not None:
@@ -110,10 +114,10 @@ def _dequantizer_for(discretization: Discretization, dequantizer) -> Dequantizer
     if isinstance(dequantizer, AbstractDequantizer):
         if dequantizer.discretization != discretization:
             raise ValueError(
-                f"`dequantizer` was built for {dequantizer.discretization}, but the data's "
-                f"`discretization` is {discretization}: the offsets' density and the "
-                "bits/dim offset would disagree. Build the dequantizer for the data's "
-                "discretization."
+                f"`dequantizer` was built for {_describe(dequantizer.discretization)}, which "
+                f"differs from the data's `discretization` ({_describe(discretization)}): "
+                "the offsets' density and the bits/dim offset would disagree. Build the "
+                "dequantizer for the data's discretization."
             )
     elif not callable(dequantizer):
         raise TypeError(
@@ -261,8 +265,9 @@ def evaluate_bpd(
     every estimator): with `M = 16`, Hutchinson's estimate (error variance `s^2 = 2.2`
     nats^2, unbiased at `M = 1`: `-0.14 +- 0.13`) is biased by `-0.42 +- 0.02` nats
     per example, while the exact-trace value exceeds the exact NLL by only
-    `0.011 +- 0.025` nats (`0.67 +- 0.14` at `M = 1`); the bound with `num_t = 20` ends `7.2 +- 0.3` nats BELOW the exact
-    discrete NLL (`+0.9 +- 0.5` above it at `M = 1`). `M > 1` is therefore refused
+    `0.011 +- 0.025` nats (`0.67 +- 0.14` at `M = 1`); the bound with `num_t = 20`
+    ends `7.2 +- 0.3` nats BELOW the exact discrete NLL (`+0.9 +- 0.5` above it at
+    `M = 1`). `M > 1` is therefore refused
     unless the NLL is exact ([`scoreflow_eqx.ExactTrace`][], cheap for small `D`) or
     `allow_biased=True`; more probes (`Hutchinson(num_probes=...)`) or a larger
     `num_t` shrink the bias. `M = 1` is unbiased with any estimator.

@@ -41,9 +41,11 @@ class BPDResult(eqx.Module):
         solve failed), shape `(num_examples,)`.
     - `nll`: the same in nats of the model-space density (including `log q` of a
         variational dequantizer), shape `(num_examples,)`.
-    - `nfe_mean`, `nfe_max`: score-network evaluations per example and solve. For the
-        bound this is `num_t` (+ the eps-correction samples).
-    - `num_failed`: the number of failed solves (examples x repeats).
+    - `nfe_mean`, `nfe_max`: score-network evaluations per example and repeat (summed
+        over the `num_importance_samples` solves of an importance-weighted estimate). For
+        the bound one solve is `num_t` (+ the eps-correction samples).
+    - `num_failed`: the number of failed evaluations (examples x repeats; an
+        importance-weighted estimate fails if any of its solves does).
     - `method`: the method's name, `"ode"` or `"bound"`.
     - `num_examples`, `num_repeats`.
     - `num_importance_samples`: the dequantizations `K` per example and repeat (1: the

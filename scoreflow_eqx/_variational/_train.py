@@ -510,10 +510,8 @@ def load_dequantizer(
     record: the dequantizer's hyperparameters, the flow's fingerprint, the settings).
     """
     where = os.path.abspath(os.fspath(workdir))
-    if not os.path.isdir(os.path.join(where, CHECKPOINT_DIR)) and os.path.isdir(
-        os.path.join(where, DEQUANTIZER_DIR, CHECKPOINT_DIR)
-    ):
-        where = os.path.join(where, DEQUANTIZER_DIR)
+    if os.path.isdir(os.path.join(where, DEQUANTIZER_DIR, CHECKPOINT_DIR)):
+        where = os.path.join(where, DEQUANTIZER_DIR)  # a training run's work directory
     ckpt_dir = os.path.join(where, CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{where} holds no trained dequantizer (no {CHECKPOINT_DIR}/).")

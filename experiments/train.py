@@ -134,6 +134,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="importance-sampled times per example for the bound (the paper uses 1000)",
     )
     e.add_argument("--rtol", type=float, default=1e-5, help="ODE tolerance (rtol = atol)")
+    e.add_argument(
+        "--dequantizer",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="also evaluate with a variational dequantizer trained by "
+        "experiments/dequantize.py: the one in WORKDIR/dequantizer (no PATH) or in PATH",
+    )
     e.add_argument("--num-samples", type=int, default=64, help="samples in the PNG grid")
     e.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--quick", action="store_true", help="a tiny smoke-test run")
@@ -248,45 +256,51 @@ def net_kwargs(args, data_shape) -> dict:
 # Final evaluation and sampling.
 
 
-def final_evaluation(sf, flow, dataset, args, key) -> dict:
+def final_evaluation(sf, flow, dataset, args, key, variational=None) -> dict:
     import jax.random as jr
 
     test = dataset.test if args.eval_examples is None else dataset.test[: args.eval_examples]
     import diffrax as dfx
 
     results = {}
+    dequantizers = {"": None}
+    if variational is not None:
+        dequantizers["_variational"] = variational
     methods = {
         "bound": sf.BoundLikelihood(num_t=args.bound_num_t),
         "ode": sf.ODELikelihood(
             stepsize_controller=dfx.PIDController(rtol=args.rtol, atol=args.rtol)
         ),
     }
-    for i, (name, method) in enumerate(methods.items()):
-        t0 = time.perf_counter()
-        res = sf.evaluate_bpd(
-            flow,
-            test,
-            discretization=dataset.discretization,
-            key=jr.fold_in(key, i),
-            method=method,
-            batch_size=args.eval_batch_size,
-            show_progress=not args.no_progress,
-        )
-        seconds = time.perf_counter() - t0
-        results[name] = {
-            "bpd": float(res.bpd),
-            "ci95": float(res.ci95),
-            "nfe_mean": float(res.nfe_mean),
-            "nfe_max": float(res.nfe_max),
-            "num_failed": int(res.num_failed),
-            "num_examples": int(res.num_examples),
-            "seconds": seconds,
-        }
-        print(
-            f"test bits/dim ({name}): {res.bpd:.4f} +- {res.ci95:.4f} (95% CI), "
-            f"NFE mean {res.nfe_mean:.0f} max {res.nfe_max:.0f}, "
-            f"{res.num_failed} failed, {res.num_examples} examples, {seconds:.0f} s"
-        )
+    for i, (method_name, method) in enumerate(methods.items()):
+        for suffix, dequantizer in dequantizers.items():
+            name = method_name + suffix
+            t0 = time.perf_counter()
+            res = sf.evaluate_bpd(
+                flow,
+                test,
+                discretization=dataset.discretization,
+                key=jr.fold_in(key, i),
+                method=method,
+                dequantizer=dequantizer,
+                batch_size=args.eval_batch_size,
+                show_progress=not args.no_progress,
+            )
+            seconds = time.perf_counter() - t0
+            results[name] = {
+                "bpd": float(res.bpd),
+                "ci95": float(res.ci95),
+                "nfe_mean": float(res.nfe_mean),
+                "nfe_max": float(res.nfe_max),
+                "num_failed": int(res.num_failed),
+                "num_examples": int(res.num_examples),
+                "seconds": seconds,
+            }
+            print(
+                f"test bits/dim ({name}): {res.bpd:.4f} +- {res.ci95:.4f} (95% CI), "
+                f"NFE mean {res.nfe_mean:.0f} max {res.nfe_max:.0f}, "
+                f"{res.num_failed} failed, {res.num_examples} examples, {seconds:.0f} s"
+            )
     return results
 
 
@@ -373,6 +387,15 @@ def main(argv=None) -> dict:
         )
         init_key, train_key, eval_key, sample_key = jr.split(jr.key(args.seed), 4)
         flow = sf.make_flow(cfg, key=init_key)
+        variational = None
+        if args.dequantizer is not None:
+            path = args.workdir if args.dequantizer == "auto" else args.dequantizer
+            variational, _ = sf.load_dequantizer(path)
+            if variational.discretization != dataset.discretization:
+                raise ValueError(
+                    f"--dequantizer {path} was trained for {variational.discretization}, "
+                    f"not the data's {dataset.discretization}."
+                )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     print(dataset)
@@ -414,7 +437,9 @@ def main(argv=None) -> dict:
     if result.metrics:
         summary["final_loss"] = result.metrics[-1]["loss"]
     if not args.no_eval:
-        summary["test_bpd"] = final_evaluation(sf, result.ema_flow, dataset, args, eval_key)
+        summary["test_bpd"] = final_evaluation(
+            sf, result.ema_flow, dataset, args, eval_key, variational
+        )
         summary["samples"] = save_samples(sf, result.ema_flow, dataset, args, sample_key)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)

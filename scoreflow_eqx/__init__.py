@@ -74,6 +74,9 @@ from ._training import (
 )
 from ._variational import (
     dequantization_loss as dequantization_loss,
+    DequantizerTrainResult as DequantizerTrainResult,
+    load_dequantizer as load_dequantizer,
+    train_dequantizer as train_dequantizer,
     VariationalDequantizer as VariationalDequantizer,
 )
 from .data._discretization import bits_per_dim as bits_per_dim

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = [
     "experiments/train.py",
     "experiments/sample.py",
+    "experiments/dequantize.py",
     "experiments/exact_nll_demo.py",
     "experiments/paper_table.py",
     "benchmarks/nfe_per_nll.py",
@@ -68,6 +69,24 @@ def test_train_then_sample(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert os.path.getsize(png) > 0
+    # A variational dequantizer for the run, its table, and train.py evaluating with it.
+    out = _run("experiments/dequantize.py", "--workdir", workdir, "--quick", "--table",
+               "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with open(os.path.join(workdir, "dequantize_results.json")) as f:
+        rows = json.load(f)["rows"]
+    assert {(r["method"], r["dequantizer"], r["K"]) for r in rows} >= {
+        ("ode", "uniform", 1), ("bound", "variational", 2), ("ode", "uniform, IW", 2),
+    }  # fmt: skip
+    assert all(r["num_failed"] == 0 for r in rows)
+    assert (
+        "| likelihood | dequantizer |"
+        in open(os.path.join(workdir, "dequantize_results.md")).read()
+    )
+    out = _run("experiments/train.py", "--quick", "--no-progress", "--workdir", workdir,
+               "--dequantizer")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "test bits/dim (bound_variational)" in out.stdout
 
 
 def test_bad_arguments_fail_clearly(tmp_path):
@@ -92,3 +111,8 @@ def test_bad_arguments_fail_clearly(tmp_path):
     assert out.returncode != 0 and "--snr does not apply to --method sde" in out.stderr
     out = _run("experiments/sample.py", "--workdir", str(tmp_path / "nothing"))
     assert out.returncode != 0 and "not a training work directory" in out.stderr
+    out = _run("experiments/dequantize.py", "--workdir", str(tmp_path / "nothing"))
+    assert out.returncode != 0 and "not a training work directory" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _run("experiments/dequantize.py", "--workdir", str(tmp_path), "--ks", "0")
+    assert out.returncode != 0 and "--ks must be integers >= 1" in out.stderr

@@ -38,6 +38,11 @@ from ._nll_methods import (
     BoundLikelihood as BoundLikelihood,
     ODELikelihood as ODELikelihood,
 )
+from ._objectives import (
+    AbstractObjective as AbstractObjective,
+    DSMObjective as DSMObjective,
+    ODEObjective as ODEObjective,
+)
 from ._sample_and_log_prob import (
     sample_and_log_prob as sample_and_log_prob,
     SampleAndLogProbResult as SampleAndLogProbResult,

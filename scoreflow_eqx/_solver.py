@@ -180,9 +180,7 @@ def check_max_steps(max_steps: int | None) -> None:
         raise ValueError(f"`max_steps` must be a positive integer or None, got {max_steps!r}.")
 
 
-def check_adjoint(
-    adjoint, *, solver: dfx.AbstractSolver | None = None, sde: bool = False
-) -> None:
+def check_adjoint(adjoint, *, solver: dfx.AbstractSolver | None = None, sde: bool = False) -> None:
     """Refuse an `adjoint` that is not a diffrax adjoint (`TypeError`), or one that cannot
     differentiate this solve (`ValueError`): `BacksolveAdjoint` with an Ito SDE solver
     (it solves Stratonovich adjoint equations only), and `ImplicitAdjoint`, which

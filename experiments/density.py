@@ -120,7 +120,8 @@ def main(argv=None):
     print(
         f"MLP width {args.width} x 3, VP SDE; DSM {args.dsm_steps} steps (batch "
         f"{args.batch_size}), then ODE fine-tuning {args.ode_steps} steps (batch "
-        f"{args.ode_batch_size}, lr {args.ode_lr:g} after 10 warm-up steps, Hutchinson, rtol = atol = {args.ode_tol:g}); "
+        f"{args.ode_batch_size}, lr {args.ode_lr:g} after 10 warm-up steps, Hutchinson, "
+        f"rtol = atol = {args.ode_tol:g}); "
         f"test NLL: exact trace, rtol = atol = {args.eval_tol:g}, {args.eval_num} points; "
         f"entropy: {args.entropy_num} test points x {args.entropy_num_t} times\n"
     )

@@ -68,18 +68,18 @@ def run_toy(name: str, args) -> dict:
     data = sf.data.toy(name, num_train=50_000, num_test=max(args.eval_num, args.entropy_num))
     net = sf.nets.MLP(data_shape=(2,), width_size=args.width, depth=3, key=jr.key(0))
     flow = sf.ScoreFlow(sf.VPSDE(), net)
-    common = dict(show_progress=False)
     start = time.perf_counter()
     dsm = sf.train(
         flow, data, key=jr.key(1), steps=args.dsm_steps, batch_size=args.batch_size, lr=2e-3,
-        warmup_steps=100, ema_decay=0.999, **common,
+        warmup_steps=100, ema_decay=0.999, show_progress=False,
     )  # fmt: skip
     dsm_s = time.perf_counter() - start
     objective = sf.ODEObjective(sf.Hutchinson(), rtol=args.ode_tol, atol=args.ode_tol)
     start = time.perf_counter()
     tuned = sf.train(
         dsm.ema_flow, data, key=jr.key(2), steps=args.ode_steps, batch_size=args.ode_batch_size,
-        lr=args.ode_lr, warmup_steps=10, ema_decay=0.0, objective=objective, **common,
+        lr=args.ode_lr, warmup_steps=10, ema_decay=0.0, objective=objective,
+        show_progress=False,
     )  # fmt: skip
     ode_s = time.perf_counter() - start
     test = jnp.asarray(data.test[: args.eval_num])

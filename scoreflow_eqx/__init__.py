@@ -19,6 +19,7 @@ from ._divergence import (
     ExactTrace as ExactTrace,
     Hutchinson as Hutchinson,
 )
+from ._entropy import entropy as entropy, EntropyResult as EntropyResult
 from ._factory import (
     flow_config as flow_config,
     make_flow as make_flow,
@@ -36,6 +37,15 @@ from ._nll_methods import (
     AbstractLikelihoodMethod as AbstractLikelihoodMethod,
     BoundLikelihood as BoundLikelihood,
     ODELikelihood as ODELikelihood,
+)
+from ._objectives import (
+    AbstractObjective as AbstractObjective,
+    DSMObjective as DSMObjective,
+    ODEObjective as ODEObjective,
+)
+from ._sample_and_log_prob import (
+    sample_and_log_prob as sample_and_log_prob,
+    SampleAndLogProbResult as SampleAndLogProbResult,
 )
 from ._sampling import (
     AbstractPredictor as AbstractPredictor,

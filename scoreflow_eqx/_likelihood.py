@@ -45,20 +45,41 @@ class ODENLLResult(eqx.Module):
     stats: dict
 
 
-def augmented_vector_field(flow: ScoreFlow, divergence: AbstractDivergence):
+class AugmentedField(eqx.Module):
     """`(t, (x, delta), state) -> (h(t, x), div h(t, x))` of the probability-flow ODE
     `h = f - 1/2 g^2 s`, with `div h = div f - 1/2 g^2 div s`: the drift's divergence is
-    exact, the score's is `divergence`'s estimate with its per-solve `state` (probes)."""
+    exact, the score's is `divergence`'s estimate with its per-solve `state` (probes).
 
-    def vector_field(t, y, state):
+    A Module, so that the flow's parameters are leaves of the diffrax term, as
+    `diffrax.BacksolveAdjoint` needs to differentiate them."""
+
+    flow: ScoreFlow
+    divergence: AbstractDivergence
+
+    def __call__(self, t, y, state):
         x, _ = y
-        s, div_s = divergence.value_and_divergence(lambda x: flow.score(t, x), x, state)
+        flow = self.flow
+        s, div_s = self.divergence.value_and_divergence(lambda x: flow.score(t, x), x, state)
         sde = flow.sde
         velocity = sde.probability_flow(lambda t, x: s, t, x)
         div_velocity = sde.drift_divergence(t, x) - 0.5 * sde.diffusion_squared(t) * div_s
         return velocity, div_velocity.astype(x.dtype)
 
-    return vector_field
+
+class BatchedField(eqx.Module):
+    """An [`AugmentedField`][] vmapped over a batch (probes per example when
+    `state_axis=0`)."""
+
+    field: AugmentedField
+    state_axis: int | None = eqx.field(static=True)
+
+    def __call__(self, t, y, state):
+        return jax.vmap(self.field, in_axes=(None, 0, self.state_axis))(t, y, state)
+
+
+def augmented_vector_field(flow: ScoreFlow, divergence: AbstractDivergence) -> AugmentedField:
+    """The trace-augmented probability-flow vector field ([`AugmentedField`][])."""
+    return AugmentedField(flow, divergence)
 
 
 def check_example(x, name: str = "x") -> Array:
@@ -303,11 +324,7 @@ def ode_nll_batched_with(
         state_axis = 0
     else:
         state, state_axis = divergence.init(xs[0], key=None), None
-    single = augmented_vector_field(flow, divergence)
-
-    def vector_field(t, y, state):
-        return jax.vmap(single, in_axes=(None, 0, state_axis))(t, y, state)
-
+    vector_field = BatchedField(AugmentedField(flow, divergence), state_axis)
     y0 = (xs, jnp.zeros((batch,), xs.dtype))
     sol, nfe = options.solve(vector_field, flow.eps, flow.sde.T, y0, state)
     return _collect(flow, sol, nfe, ok, batched=True)

@@ -188,7 +188,7 @@ class AbstractSDE(eqx.Module):
         """
         t1 = self.T if t1 is None else t1
         bm = brownian_motion(t0, t1, y, key=key, tol=tol)
-        drift = dfx.ODETerm(lambda t, y, args: self.reverse_drift(score, t, y))
+        drift = dfx.ODETerm(_ReverseDrift(self, score))
         return dfx.MultiTerm(drift, self._control_term(bm))
 
     def probability_flow(self, score: ScoreFn, t: RealScalarLike, x: Data) -> Data:
@@ -198,6 +198,16 @@ class AbstractSDE(eqx.Module):
     def probability_flow_term(self, score: ScoreFn) -> dfx.ODETerm:
         """The probability-flow ODE `dx/dt = f - 1/2 g^2 s` as a `diffrax.ODETerm`."""
         return dfx.ODETerm(lambda t, y, args: self.probability_flow(score, t, y))
+
+
+class _ReverseDrift(eqx.Module):
+    # The reverse-time drift as a Module: the score (e.g. a bound method of a ScoreFlow)
+    # is a leaf of the diffrax term, so `diffrax.BacksolveAdjoint` can differentiate it.
+    sde: AbstractSDE
+    score: ScoreFn
+
+    def __call__(self, t, y, args):
+        return self.sde.reverse_drift(self.score, t, y)
 
 
 def _quadratic_time(b, beta_min: float, beta_max: float):

@@ -180,12 +180,32 @@ def check_max_steps(max_steps: int | None) -> None:
         raise ValueError(f"`max_steps` must be a positive integer or None, got {max_steps!r}.")
 
 
-def check_adjoint(adjoint) -> None:
+def check_adjoint(adjoint, *, solver: dfx.AbstractSolver | None = None, sde: bool = False) -> None:
+    """Refuse an `adjoint` that is not a diffrax adjoint (`TypeError`), or one that cannot
+    differentiate this solve (`ValueError`): `BacksolveAdjoint` with an Ito SDE solver
+    (it solves Stratonovich adjoint equations only), and `ImplicitAdjoint`, which
+    differentiates steady states, not solves over a fixed time interval."""
     if not isinstance(adjoint, dfx.AbstractAdjoint):
         raise TypeError(
             "`adjoint` must be a diffrax adjoint (e.g. `diffrax.RecursiveCheckpointAdjoint()` "
             f"or `diffrax.BacksolveAdjoint()`), got {type(adjoint).__name__}."
         )
+    if isinstance(adjoint, dfx.ImplicitAdjoint):
+        raise ValueError(
+            "`adjoint=diffrax.ImplicitAdjoint()` differentiates steady states, not a solve "
+            "between two times; use `diffrax.RecursiveCheckpointAdjoint()` (default) or "
+            "`diffrax.BacksolveAdjoint()`."
+        )
+    if sde and isinstance(adjoint, dfx.BacksolveAdjoint):
+        if not isinstance(solver, dfx.AbstractStratonovichSolver):
+            name = type(solver).__name__
+            raise ValueError(
+                f"`adjoint=diffrax.BacksolveAdjoint()` solves the Stratonovich adjoint SDE, "
+                f"so it needs a Stratonovich solver, and {name} is not one. The noise of "
+                "these SDEs is additive (Ito = Stratonovich): use `solver=diffrax.Heun()`, "
+                "or `adjoint=diffrax.RecursiveCheckpointAdjoint()` with "
+                f"{name}."
+            )
 
 
 def first_step(
@@ -212,7 +232,9 @@ def first_step(
         # Another adaptive controller: let diffrax choose (`dt0=None`).
         return None, 0
     dt = initial_step_size(vector_field, solver, pid, t0, t1, y0, args)
-    return dt, INITIAL_STEP_EVALUATIONS
+    # The first step is a choice of discretisation, not a function of the parameters to
+    # differentiate (and `BacksolveAdjoint` cannot differentiate `dt0`).
+    return jax.lax.stop_gradient(dt), INITIAL_STEP_EVALUATIONS
 
 
 class SolveOptions(eqx.Module):
@@ -232,7 +254,7 @@ class SolveOptions(eqx.Module):
             raise TypeError(f"`solver` must be a diffrax solver, got {type(self.solver).__name__}.")
         evaluations_per_step(self.solver)  # refuse solvers whose NFE we cannot count
         check_max_steps(self.max_steps)
-        check_adjoint(self.adjoint)
+        check_adjoint(self.adjoint, solver=self.solver)
 
     def solve(
         self,

@@ -39,7 +39,7 @@ from .reverse_sde import ReverseSDE
 METHODS: tuple[str, ...] = ("ode", "sde", "pc")
 
 
-def _resolve_shape(flow: ScoreFlow, shape: tuple[int, ...] | None) -> tuple[int, ...]:
+def resolve_shape(flow: ScoreFlow, shape: tuple[int, ...] | None) -> tuple[int, ...]:
     if shape is None:
         shape = getattr(flow.net, "data_shape", None)
         if shape is None:
@@ -201,7 +201,7 @@ def sample(
     `stats`).
     """
     sampler = _resolve_sampler(sampler, method, method_options)
-    shape = _resolve_shape(flow, shape)
+    shape = resolve_shape(flow, shape)
     pkey, nkey = jr.split(key)
     x_T = flow.sde.prior_sample(pkey, shape)
     res = sampler.sample(flow, x_T, key=nkey, throw=throw)

@@ -60,16 +60,23 @@ class ProbabilityFlow(AbstractSampler):
         return solve_flow(flow, x_T, flow.sde.T, flow.eps, self.options(throw=throw))
 
 
+class FlowField(eqx.Module):
+    """The probability-flow velocity `(t, x, args) -> f(x, t) - 1/2 g(t)^2 s(t, x)` as a
+    Module, so that the flow's parameters are leaves of the diffrax term (as
+    `diffrax.BacksolveAdjoint` needs)."""
+
+    flow: ScoreFlow
+
+    def __call__(self, t, x, args):
+        return self.flow.sde.probability_flow(self.flow.score, t, x)
+
+
 def solve_flow(
     flow: ScoreFlow, y0: Data, t0: RealScalarLike, t1: RealScalarLike, options: SolveOptions
 ) -> SampleResult:
     """Carry `y0` from `t0` to `t1` along the probability-flow ODE."""
     y0, ok = guard_nonfinite(y0, options.throw, "probability-flow solve")
-
-    def vector_field(t, y, args):
-        return flow.sde.probability_flow(flow.score, t, y)
-
-    sol, nfe = options.solve(vector_field, t0, t1, y0)
+    sol, nfe = options.solve(FlowField(flow), t0, t1, y0)
     assert sol.ys is not None
     x = jnp.where(ok, sol.ys[0], jnp.nan)
     result = dfx.RESULTS.where(ok, sol.result, dfx.RESULTS.nonfinite_input)  # pyright: ignore[reportArgumentType]

@@ -17,6 +17,18 @@ def check_num_steps(num_steps, name: str = "num_steps") -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {num_steps!r}.")
 
 
+def _backward_grid(adjoint: dfx.AbstractAdjoint, ts) -> dfx.AbstractAdjoint:
+    # `BacksolveAdjoint` solves the adjoint SDE from `eps` back up to `T`, by default
+    # with the forward solve's `StepTo` controller, whose grid then runs the wrong way.
+    # Give it the same grid for the backward solve (unless the user chose a backward
+    # controller). Diffrax solves a solve with t0 > t1 in negated time, in which the
+    # backward solve runs from -eps down to -T.
+    if isinstance(adjoint, dfx.BacksolveAdjoint) and "stepsize_controller" not in adjoint.kwargs:
+        backward = dfx.StepTo(ts=-ts[::-1])
+        return dfx.BacksolveAdjoint(**adjoint.kwargs, stepsize_controller=backward)
+    return adjoint
+
+
 class ReverseSDE(AbstractSampler):
     """Sampling by the reverse-time SDE `dx = [f - g^2 s] dt + g dw_bar`
     (Anderson 1982) from `T` to `eps`, built by `flow.sde.reverse_terms` (a diffrax
@@ -53,7 +65,7 @@ class ReverseSDE(AbstractSampler):
 
     def __check_init__(self):
         check_num_steps(self.num_steps)
-        check_adjoint(self.adjoint)
+        check_adjoint(self.adjoint, solver=self.solver, sde=True)
         evaluations_per_step(self.solver)
 
     def sample(self, flow: ScoreFlow, x_T: Data, *, key: PRNGKeyArray, throw: bool) -> SampleResult:
@@ -70,7 +82,7 @@ class ReverseSDE(AbstractSampler):
             x_T,
             stepsize_controller=dfx.StepTo(ts=ts),
             max_steps=self.num_steps,
-            adjoint=self.adjoint,
+            adjoint=_backward_grid(self.adjoint, ts),
             throw=throw,
             progress_meter=self.progress_meter,
         )

@@ -43,13 +43,21 @@ SCHEDULE_FIELDS: tuple[str, ...] = (
 )
 
 
+#: Fields added after records were first written, with the value older runs had.
+ADDED_LATER: dict[str, Any] = {"objective": "dsm"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The settings of a [`scoreflow_eqx.train`][] run (see it for their meaning),
     validated on construction.
 
+    `objective` describes the training objective: `"dsm"` (the denoising score-matching
+    loss with `weighting` and `importance_sampling`) or the repr of another
+    [`scoreflow_eqx.AbstractObjective`][].
+
     The fields that define the trajectory of the parameters (optimizer settings, batch
-    size, weighting, EMA, data order) must match when a run is resumed; the schedule
+    size, weighting, objective, EMA, data order) must match when a run is resumed; the schedule
     fields (`SCHEDULE_FIELDS`: steps, logging, checkpointing, evaluation) may change.
     """
 
@@ -71,6 +79,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     steps_per_jit: int = 1
     max_consecutive_nonfinite: int = 20
+    objective: str = "dsm"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "max_to_keep", "log_every"):
@@ -86,6 +95,10 @@ class TrainConfig:
             _finite("grad_clip", self.grad_clip, low=0.0, closed=False)
         _finite("ema_decay", self.ema_decay, low=0.0, high=1.0, closed=True)
         check_weighting(self.weighting)
+        if not (isinstance(self.objective, str) and self.objective):
+            raise ValueError(
+                f"`objective` must be a non-empty description string, got {self.objective!r}."
+            )
         if not isinstance(self.importance_sampling, bool):
             raise ValueError(
                 f"`importance_sampling` must be True or False, got {self.importance_sampling!r}."
@@ -97,6 +110,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        record = {**ADDED_LATER, **record}
         missing, unknown = names - set(record), set(record) - names
         if missing or unknown:
             raise ValueError(

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .._checkpoint import Checkpointer
 from .._flow import ScoreFlow
+from .._objectives import AbstractObjective, as_objective, DSMObjective
 from .._sharding import BATCH_AXIS, data_parallel_mesh, replicate, replicated_sharding
 from ..data._dequantizers import UniformDequantizer
 from ..data._discretization import Discretization
@@ -117,7 +118,9 @@ def _crossed(every: int, before: int, after: int) -> bool:
 class _Run:
     """One call of `train`: the pieces, and the loop over compiled steps."""
 
-    def __init__(self, flow, dataset, cfg, optimizer, *, key, mesh, workdir, record_args):
+    def __init__(
+        self, flow, dataset, cfg, optimizer, objective, *, key, mesh, workdir, record_args
+    ):
         self.cfg, self.dataset, self.mesh = cfg, dataset, mesh
         train_key, data_key, self.eval_key = jr.split(key, 3)
         data_seed = int(jr.randint(data_key, (), 0, 2**31 - 1))
@@ -145,6 +148,7 @@ class _Run:
             ema_decay=cfg.ema_decay,
             steps_per_jit=cfg.steps_per_jit,
             dequantizer=UniformDequantizer(disc) if disc.is_discrete else None,
+            objective=objective,
         )
         spec = (
             PartitionSpec(BATCH_AXIS) if cfg.steps_per_jit == 1 else PartitionSpec(None, BATCH_AXIS)
@@ -257,6 +261,7 @@ def train(
     ema_decay: float = 0.999,
     weighting: str = "likelihood",
     importance_sampling: bool = True,
+    objective: AbstractObjective | str | None = None,
     discretization: Discretization | None = None,
     workdir: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
@@ -275,7 +280,8 @@ def train(
     show_progress: bool = True,
     callback: Callable[[int, TrainState], None] | None = None,
 ) -> TrainResult:
-    """Train `flow` by (likelihood-weighted) denoising score matching.
+    """Train `flow` by (likelihood-weighted) denoising score matching, or by another
+    objective (e.g. the probability-flow ODE's NLL).
 
     Data-parallel over all devices (batch sharded, parameters replicated), one
     jit-compiled step (dequantization on device, loss, gradient, optimizer, EMA), any
@@ -296,7 +302,13 @@ def train(
         [`scoreflow_eqx.default_optimizer`][]`(lr=lr, warmup_steps=warmup_steps,
         grad_clip=grad_clip)`.
     - `ema_decay`: decay of the parameter EMA, in `[0, 1)`.
-    - `weighting`, `importance_sampling`: passed to `flow.loss`.
+    - `weighting`, `importance_sampling`: passed to `flow.loss` by the default objective.
+    - `objective`: what each step minimises: `None` or `"dsm"` (default) for
+        [`scoreflow_eqx.DSMObjective`][]`(weighting, importance_sampling)`, or another
+        [`scoreflow_eqx.AbstractObjective`][], e.g. [`scoreflow_eqx.ODEObjective`][]`()`
+        (shorthand `"ode"`): the probability-flow NLL through the solve, to fine-tune a
+        DSM-trained flow by maximum likelihood. It is part of the run record (a resumed
+        run must use the same one unless `allow_changes=("objective",)`).
     - `workdir`: where checkpoints, `config.json` and `metrics.jsonl` go; if it already
         holds checkpoints, training resumes from the latest readable one, after checking
         that it is the same run (model, SDE, data fingerprint, training settings, key).
@@ -325,10 +337,16 @@ def train(
 
     **Returns:** a [`scoreflow_eqx.TrainResult`][].
     """
+    objective = as_objective(
+        objective, weighting=weighting, importance_sampling=importance_sampling
+    )
+    if isinstance(objective, DSMObjective):
+        weighting, importance_sampling = objective.weighting, objective.importance_sampling
     cfg = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         grad_clip=grad_clip, ema_decay=ema_decay, weighting=weighting,
         importance_sampling=importance_sampling, custom_optimizer=optimizer is not None,
+        objective="dsm" if isinstance(objective, DSMObjective) else repr(objective),
         checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, log_every=log_every,
         eval_every=eval_every, eval_ode_every=eval_ode_every,
         eval_num_examples=eval_num_examples, eval_batch_size=eval_batch_size,
@@ -340,7 +358,7 @@ def train(
     _check_flow(flow, dataset, flow_config)
     if optimizer is None:
         optimizer = default_optimizer(lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip)
-    run = _Run(flow, dataset, cfg, optimizer, key=key, mesh=mesh, workdir=workdir,
+    run = _Run(flow, dataset, cfg, optimizer, objective, key=key, mesh=mesh, workdir=workdir,
                record_args={"flow_config": flow_config, "extra": config})  # fmt: skip
     try:
         run.open(frozenset(allow_changes))

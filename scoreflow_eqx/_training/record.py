@@ -15,7 +15,7 @@ import jax.random as jr
 from .._factory import make_flow
 from .._flow import ScoreFlow
 from ..data._sources import Dataset, fingerprint
-from .config import SCHEDULE_FIELDS, TrainConfig
+from .config import ADDED_LATER, SCHEDULE_FIELDS, TrainConfig
 
 
 #: The version of the record's layout.
@@ -129,6 +129,7 @@ def record_differences(saved: dict, current: dict, allow: frozenset[str]) -> lis
         for name in sorted(set(old) | set(new)):
             if name in SCHEDULE_FIELDS or name in allow:
                 continue
-            if old.get(name) != new.get(name):
+            # A field added later has, in an older record, the value older runs had.
+            if old.get(name, ADDED_LATER.get(name)) != new.get(name, ADDED_LATER.get(name)):
                 diffs.append(f"train.{name}: {old.get(name)!r} -> {new.get(name)!r}")
     return diffs

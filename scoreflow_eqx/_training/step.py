@@ -15,6 +15,7 @@ from jaxtyping import Array, PyTree
 
 from .._dispatch import StateStepJit
 from .._losses import check_weighting
+from .._objectives import AbstractObjective, as_objective
 from .._sharding import BATCH_AXIS, replicated_sharding
 from ..data._dequantizers import AbstractDequantizer
 from .state import TrainState
@@ -40,19 +41,13 @@ def _learning_rate(opt_state) -> Array | None:
     return found[0] if len(found) == 1 else None
 
 
-def _make_one_step(optimizer, weighting, importance_sampling, ema_decay, dequantizer):
+def _make_one_step(optimizer, objective: AbstractObjective, ema_decay, dequantizer):
     def loss_fn(flow, batch, key):
         dkey, lkey = jr.split(key)
         if dequantizer is not None:
             dkeys = jr.split(dkey, batch.shape[0])
             batch, _ = jax.vmap(lambda k, key: dequantizer(k, key=key))(batch, dkeys)
-        keys = jr.split(lkey, batch.shape[0])
-        per_example = jax.vmap(
-            lambda x, k: flow.loss(
-                x, key=k, weighting=weighting, importance_sampling=importance_sampling
-            )
-        )(batch, keys)
-        return jnp.mean(per_example)
+        return objective(flow, batch, key=lkey)
 
     def one_step(state: TrainState, batch):
         key = jr.fold_in(state.key, state.step)
@@ -89,7 +84,6 @@ def _make_one_step(optimizer, weighting, importance_sampling, ema_decay, dequant
     return one_step
 
 
-@functools.lru_cache(maxsize=32)
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
@@ -99,6 +93,7 @@ def make_train_step(
     ema_decay: float = 0.999,
     steps_per_jit: int = 1,
     dequantizer: AbstractDequantizer | None = None,
+    objective: AbstractObjective | str | None = None,
 ) -> Callable[[Array, TrainState], tuple[TrainState, dict[str, Array]]]:
     """The jit-compiled training step `step(batches, state) -> (state, metrics)`.
 
@@ -117,13 +112,30 @@ def make_train_step(
     the gradients or the new parameters are not finite, the update is skipped (the
     state is kept, and `nonfinite_count` counts the consecutive skips).
 
-    Cached on its (hashable) arguments, so that runs with the same settings share one
-    compiled step.
+    `objective` replaces the DSM loss: an [`scoreflow_eqx.AbstractObjective`][] such as
+    [`scoreflow_eqx.ODEObjective`][]`()` (the probability-flow NLL through the solve), or
+    the shorthands `"dsm"` (default: `DSMObjective(weighting, importance_sampling)`) and
+    `"ode"`.
+
+    Cached on its arguments when they are hashable, so that runs with the same settings
+    share one compiled step.
     """
     check_weighting(weighting)
+    objective = as_objective(
+        objective, weighting=weighting, importance_sampling=importance_sampling
+    )
+    args = (optimizer, mesh, objective, ema_decay, steps_per_jit, dequantizer)
+    try:
+        hash(args)
+    except TypeError:  # e.g. an adjoint holding a dict: build it afresh
+        return _build_train_step(*args)
+    return _cached_train_step(*args)
+
+
+def _build_train_step(optimizer, mesh, objective, ema_decay, steps_per_jit, dequantizer):
     if not 0 <= ema_decay < 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay!r}.")
-    one_step = _make_one_step(optimizer, weighting, importance_sampling, ema_decay, dequantizer)
+    one_step = _make_one_step(optimizer, objective, ema_decay, dequantizer)
     repl = replicated_sharding(mesh)
     spec = PartitionSpec(BATCH_AXIS) if steps_per_jit == 1 else PartitionSpec(None, BATCH_AXIS)
     data_sharding = NamedSharding(mesh, spec)
@@ -148,3 +160,6 @@ def make_train_step(
     # StateStepJit); accelerators keep the fully asynchronous dispatch.
     several_cpus = mesh.devices.size > 1 and all(d.platform == "cpu" for d in mesh.devices.flat)
     return StateStepJit(step, max_in_flight=2 if several_cpus else None)
+
+
+_cached_train_step = functools.lru_cache(maxsize=32)(_build_train_step)

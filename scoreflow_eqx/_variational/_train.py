@@ -308,6 +308,8 @@ def train_dequantizer(
     - `optimizer`: an `optax.GradientTransformation`; default
         [`scoreflow_eqx.default_optimizer`][]`(lr=lr, warmup_steps=warmup_steps,
         grad_clip=grad_clip)` (Adam, linear warm-up, global-norm clipping).
+    - `lr`, `warmup_steps`, `grad_clip`: of the default optimizer (unused with
+        `optimizer=`).
     - `num_t`, `num_eps_samples`: times and eps-correction draws of the bound per
         example and step.
     - `workdir`: a directory for checkpoints, `config.json` and `metrics.jsonl` (one

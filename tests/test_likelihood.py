@@ -373,3 +373,37 @@ def test_nonfinite_input_fails_at_once(points):
     assert np.isnan(batched.nll[1]) and np.all(np.isfinite(np.asarray(batched.nll[::2])))
     with pytest.raises(Exception, match="NaN or inf"):
         jax.block_until_ready(sf.ode_nll(flow, bad[1], divergence="exact").nll)
+
+
+# ---- every solver offered, and nets conditioned on the log-SNR --------------------------
+
+
+@pytest.mark.parametrize(
+    "solver", [dfx.Dopri5(), dfx.Tsit5(), dfx.Dopri8(), dfx.Bosh3()], ids=lambda s: type(s).__name__
+)
+def test_every_offered_solver_matches_analytic(points, solver):
+    # benchmarks/nfe_accuracy.py compares these four on the digits model; each must give
+    # the closed-form likelihood, not only a small NFE.
+    mixture = gaussian_mixture_2d()
+    flow = exact_flow(SDES["vp"], mixture)
+    kwargs = dict(divergence=sf.ExactTrace(), solver=solver, rtol=1e-7, atol=1e-7)
+    res = _vmapped_nll(flow, points, jr.split(jr.key(0), 3), kwargs)
+    assert bool(jnp.all(dfx.is_successful(res.result)))
+    expected = jax.vmap(lambda x, z: analytic_nll(flow, mixture, x, z))(points, res.z)
+    np.testing.assert_allclose(res.nll, expected, atol=1e-4)
+    per_step, initial = evaluations_per_step(solver)
+    np.testing.assert_array_equal(res.nfe, per_step * res.stats["num_steps"] + initial + 2)
+
+
+def test_nfe_counted_for_a_log_snr_conditioned_net(points):
+    # The default conditioning of the nets: the count of network calls is still the NFE.
+    sde = SDES["vp"]
+    net = _CountingNet(sf.nets.MLP(data_shape=(2,), width_size=16, depth=2, key=jr.key(0)))
+    flow = sf.ScoreFlow(sde, net, conditioning=sf.LogSNRConditioning())
+    fn = eqx.filter_jit(
+        lambda f, x: sf.ode_nll(f, x, key=jr.key(1), divergence=sf.Hutchinson(), rtol=1e-4)
+    )
+    _CALLS.clear()
+    res = fn(flow, points[0])
+    jax.block_until_ready(res.nll)
+    assert len(_CALLS) == int(res.nfe) == 6 * int(res.stats["num_steps"]) + 3

@@ -161,6 +161,7 @@ def draw(flow, shape, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    mixture = None
     if args.demo:
         flow, mixture = demo_flow(args.sde)
         shape = (2,)
@@ -188,7 +189,7 @@ def main(argv=None):
         "seconds": round(seconds, 3),
         "finite": bool(np.isfinite(x).all()),
     }
-    if args.demo:
+    if mixture is not None:
         ref = np.asarray(
             jax.vmap(lambda k: mixture.sample(key=k))(jr.split(jr.key(args.seed + 1), x.shape[0]))
         )
@@ -205,7 +206,7 @@ def main(argv=None):
             lim=3.5,
             title=f"{args.sde.upper()} {args.method}, NFE {nfe.mean():.0f}",
         )
-    elif len(shape) == 3 and shape[0] in (1, 3):
+    elif len(shape) == 3 and shape[0] in (1, 3) and data_range is not None:
         scale = 4 if shape[1] <= 16 else 1
         save_image_grid(x, out, data_range=data_range, scale=scale)
     elif shape == (2,):

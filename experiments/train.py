@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -323,7 +324,7 @@ def save_samples(sf, flow, dataset, args, key) -> dict | None:
     for name, x in samples.items():
         path = os.path.join(args.workdir, f"samples_{name}.png")
         save_image_grid(x, path, data_range=data_range, scale=scale)
-    out = {"png": os.path.join(args.workdir, "samples.png")}
+    out: dict[str, Any] = {"png": os.path.join(args.workdir, "samples.png")}
     titles = {
         "ode": "probability-flow ODE",
         "sde": f"reverse SDE, {samplers['sde'].num_steps} steps",

@@ -15,6 +15,7 @@ Examples:
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -141,7 +142,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     check_args(p, args)
+    if args.no_eval:
+        evaluation = {a.dest for a in e._group_actions} - {"no_eval"}
+        given = sorted(explicit_flags(p, argv) & evaluation)
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            p.error(f"{flags} do(es) not apply with --no-eval")
     return args
+
+
+def explicit_flags(p: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags given on the command line (not left at their
+    defaults): `argv` parsed again with every default suppressed."""
+    q = copy.deepcopy(p)
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(q.parse_known_args(argv)[0]))
 
 
 def check_net_flags(args) -> None:

@@ -22,6 +22,7 @@ from helpers import gaussian_mixture_2d, tree_allclose
 from test_train import CFG, KW
 
 import scoreflow_eqx as sf
+from scoreflow_eqx._checkpoint import CheckpointMismatchError
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -350,3 +351,47 @@ def test_data_files_errors_name_the_file_and_refuse_ambiguity(tmp_path):
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(ValueError, match=r"nan\.npy.*non-finite"):
         sf.data.load_dataset(str(tmp_path / "nan.npy"))
+
+
+# ---- checkpoints of the first layout (leaf lists) ------------------------------------
+
+
+def _write_first_layout(workdir: pathlib.Path, flow, flow_config, step: int = 5) -> list:
+    """A checkpoint as the package's first layout wrote it: every pytree a list of
+    leaves, the run config as the JSON item `config`."""
+    import orbax.checkpoint as ocp
+
+    params = jax.tree.leaves(eqx.filter(flow, eqx.is_inexact_array))
+    config = {
+        "flow": flow_config,
+        "dataset": {"name": "mixture", "data_shape": [2], "num_levels": None,
+                    "data_range": [-1.0, 1.0]},
+    }  # fmt: skip
+    items = {
+        "params": ocp.args.StandardSave(params),
+        "ema_params": ocp.args.StandardSave([2 * p for p in params]),
+        "opt_state": ocp.args.StandardSave([jnp.zeros((), jnp.float32)]),
+        "meta": ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32)}),
+        "config": ocp.args.JsonSave(config),
+    }
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return params
+
+
+def test_first_layout_checkpoints_load_or_fail_clearly(flow, tmp_path):
+    params = _write_first_layout(tmp_path, flow, CFG)
+    loaded, info = sf.load_flow(tmp_path)
+    assert info["step"] == 5 and info["data_shape"] == (2,) and info["dataset"] == "mixture"
+    assert tree_allclose(jax.tree.leaves(_params(loaded)), [2 * p for p in params], rtol=0, atol=0)
+    raw, _ = sf.load_flow(tmp_path, ema=False)
+    assert bool(eqx.tree_equal(_params(raw), _params(flow), typematch=True))
+    # Leaves written for another model (here a wider MLP) are refused, not loaded.
+    wide_cfg = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 48, "depth": 2})
+    other = tmp_path / "other"
+    _write_first_layout(other, sf.make_flow(wide_cfg, key=jr.key(0)), CFG)
+    with pytest.raises(CheckpointMismatchError, match="older-layout checkpoint at step 5"):
+        sf.load_flow(other)

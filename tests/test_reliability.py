@@ -304,6 +304,51 @@ BAD_INPUTS = [
      ValueError, r"shape \(2,\) to an output of shape \(4,\)"),
     ("bpd repeats", lambda f, d: sf.evaluate_bpd(f, d.test, discretization=d.discretization,
      key=jr.key(0), num_repeats=0), ValueError, "num_repeats"),
+    ("train steps 0", lambda f, d: sf.train(f, d, key=jr.key(0), steps=0), ValueError, "steps"),
+    ("train batch 0", lambda f, d: sf.train(f, d, key=jr.key(0), steps=1, batch_size=0),
+     ValueError, "batch_size"),
+    ("train steps_per_jit 0", lambda f, d: sf.train(f, d, key=jr.key(0), steps=1,
+     steps_per_jit=0), ValueError, "steps_per_jit"),
+    ("optimizer clip inf", lambda f, d: sf.default_optimizer(grad_clip=float("inf")),
+     ValueError, "grad_clip"),
+    ("optimizer warmup", lambda f, d: sf.default_optimizer(warmup_steps=-1), ValueError,
+     "warmup_steps"),
+    ("hutchinson probes", lambda f, d: sf.Hutchinson(num_probes=0), ValueError, "num_probes"),
+    ("hutchinson probe", lambda f, d: sf.Hutchinson(probe="uniform"), ValueError,
+     "valid probes"),
+    ("exact mode", lambda f, d: sf.ExactTrace(mode="sideways"), ValueError, "valid modes"),
+    ("exact chunk", lambda f, d: sf.ExactTrace(chunk_size=0), ValueError, "chunk_size"),
+    ("divergence name", lambda f, d: sf.ode_nll(f, jnp.zeros(2), key=jr.key(0),
+     divergence="bogus"), ValueError, "divergence estimator"),
+    ("ode rtol nan", lambda f, d: sf.ode_nll(f, jnp.zeros(2), key=jr.key(0),
+     rtol=float("nan")), ValueError, "rtol"),
+    ("vp beta_min", lambda f, d: sf.VPSDE(beta_min=-1.0), ValueError, "beta_min"),
+    ("vp beta order", lambda f, d: sf.VPSDE(beta_min=5.0, beta_max=1.0), ValueError,
+     "beta_max > beta_min"),
+    ("ve sigma_min", lambda f, d: sf.VESDE(sigma_min=0.0), ValueError, "sigma_min"),
+    ("flow eps", lambda f, d: sf.ScoreFlow(f.sde, f.net, eps=1.0), ValueError, "eps"),
+    ("flow parameterization", lambda f, d: sf.ScoreFlow(f.sde, f.net, parameterization="x"),
+     ValueError, "parameterization"),
+    ("importance eps", lambda f, d: sf.ImportanceSampler(sf.VPSDE(), eps=2.0), ValueError,
+     "eps"),
+    ("loss weighting", lambda f, d: f.loss(jnp.zeros(2), key=jr.key(0), weighting="bogus"),
+     ValueError, "weighting"),
+    ("sample method", lambda f, d: sf.sample(f, (2,), key=jr.key(0), method="bogus"),
+     ValueError, "valid ones"),
+    ("sampler max_steps", lambda f, d: sf.ProbabilityFlow(max_steps=0), ValueError,
+     "max_steps"),
+    ("sampler tolerance", lambda f, d: sf.ProbabilityFlow(stepsize_controller=dfx.PIDController(
+        rtol=-1.0, atol=1e-5)), ValueError, "rtol"),
+    ("langevin snr", lambda f, d: sf.LangevinCorrector(snr=-1.0), ValueError, "snr"),
+    ("reverse sde steps", lambda f, d: sf.ReverseSDE(num_steps=0), ValueError, "num_steps"),
+    ("bits_per_dim dim", lambda f, d: sf.bits_per_dim(jnp.ones(()), dim=0, num_levels=256,
+     data_range=(-1.0, 1.0)), ValueError, "dim"),
+    ("bits_per_dim levels", lambda f, d: sf.bits_per_dim(jnp.ones(()), dim=2, num_levels=1,
+     data_range=(-1.0, 1.0)), ValueError, "num_levels"),
+    ("arrays nan", lambda f, d: sf.data.from_arrays(np.full((4, 2), np.nan), np.zeros((2, 2)),
+     num_levels=None), ValueError, "non-finite"),
+    ("input shape", lambda f, d: sf.nll_bound(f, jnp.zeros(3), key=jr.key(0), num_t=4),
+     ValueError, r"shape \(2,\).*shape \(3,\)"),
 ]  # fmt: skip
 
 
@@ -382,7 +427,7 @@ def _write_first_layout(workdir: pathlib.Path, flow, flow_config, step: int = 5)
     return params
 
 
-def test_first_layout_checkpoints_load_or_fail_clearly(flow, tmp_path):
+def test_first_layout_checkpoints_load_or_fail_clearly(flow, data, tmp_path):
     params = _write_first_layout(tmp_path, flow, CFG)
     loaded, info = sf.load_flow(tmp_path)
     assert info["step"] == 5 and info["data_shape"] == (2,) and info["dataset"] == "mixture"
@@ -395,3 +440,6 @@ def test_first_layout_checkpoints_load_or_fail_clearly(flow, tmp_path):
     _write_first_layout(other, sf.make_flow(wide_cfg, key=jr.key(0)), CFG)
     with pytest.raises(CheckpointMismatchError, match="older-layout checkpoint at step 5"):
         sf.load_flow(other)
+    # Training does not resume from it (its optimizer state has no paths), and says why.
+    with pytest.raises(CheckpointMismatchError, match="older version.*cannot be resumed"):
+        _train(flow, data, tmp_path)

@@ -22,7 +22,8 @@ from helpers import gaussian_mixture_2d, tree_allclose
 from test_train import CFG, KW
 
 import scoreflow_eqx as sf
-from scoreflow_eqx._checkpoint import CheckpointMismatchError
+from scoreflow_eqx._checkpoint import _record_checksum, CheckpointMismatchError
+from scoreflow_eqx._training.workdir import RunRecordError
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -171,11 +172,16 @@ def test_load_flow_uses_the_checkpointed_record(flow, data, tmp_path):
         sf.load_flow(tmp_path, like=sf.ScoreFlow(sf.VESDE(), flow.net))
 
 
-def _edit_record(step_dir: pathlib.Path, edit) -> None:
+def _edit_record(step_dir: pathlib.Path, edit, *, checksum: bool = False) -> None:
     path = step_dir / "record" / "metadata"
     record = json.loads(path.read_text())
     edit(record)
     path.write_text(json.dumps(record))
+    if checksum:  # write the matching checksum too
+        sums_path = step_dir / "checksums" / "metadata"
+        sums = json.loads(sums_path.read_text())
+        sums["record"] = _record_checksum(record)
+        sums_path.write_text(json.dumps(sums))
 
 
 def test_tampered_or_incomplete_record_is_caught(flow, data, tmp_path):
@@ -186,6 +192,18 @@ def test_tampered_or_incomplete_record_is_caught(flow, data, tmp_path):
     with pytest.warns(RuntimeWarning, match="step 4.*checksum.*falling back to step 2"):
         loaded, info = sf.load_flow(tmp_path)
     assert info["step"] == 2 and isinstance(loaded.sde, sf.VPSDE)
+    # A record with a key missing but a matching checksum (as a buggy writer would leave
+    # it): `make_flow` would fill the default (a time-conditioned net), so it is refused.
+    _edit_record(ckpts / "2", lambda r: r["flow_config"].pop("conditioning"), checksum=True)
+    # (Step 4 still fails its checksum: a warning, then step 2 is refused.)
+    with pytest.raises(RunRecordError, match="does not rebuild the recorded model.*conditioning"):
+        with pytest.warns(RuntimeWarning, match="step 4"):
+            sf.load_flow(tmp_path)
+    # A record without one of its parts is refused too.
+    _edit_record(ckpts / "2", lambda r: r.pop("data"), checksum=True)
+    with pytest.raises(RunRecordError, match=r"incomplete run record \(missing \['data'\]\)"):
+        with pytest.warns(RuntimeWarning, match="step 4"):
+            sf.load_flow(tmp_path)
 
 
 # ---- 3. checkpoint integrity ---------------------------------------------------------

@@ -158,7 +158,7 @@ def write_readme(section):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--preset", default="digits", choices=sorted(UNET_PRESETS))
     parser.add_argument("--batch", type=int, default=64, help="forward+VJP batch")
     parser.add_argument("--train-batch", type=int, default=128)

@@ -184,17 +184,21 @@ def probes_for(key, xs, divergence):
 
 
 def make_solve(divergence, jacobian_mode, solver, mode):
-    kwargs = dict(divergence=estimator(divergence, jacobian_mode), solver=solver)
+    div = estimator(divergence, jacobian_mode)
 
     @eqx.filter_jit
     def solve(flow, xs, key, tol):
         if mode == "vmap":
             keys = jr.split(key, xs.shape[0])
-            res = jax.vmap(lambda x, k: sf.ode_nll(flow, x, key=k, rtol=tol, atol=tol, **kwargs))(
-                xs, keys
-            )
+            res = jax.vmap(
+                lambda x, k: sf.ode_nll(
+                    flow, x, key=k, divergence=div, solver=solver, rtol=tol, atol=tol
+                )
+            )(xs, keys)
         else:
-            res = sf.ode_nll_batched(flow, xs, key=key, rtol=tol, atol=tol, **kwargs)
+            res = sf.ode_nll_batched(
+                flow, xs, key=key, divergence=div, solver=solver, rtol=tol, atol=tol
+            )
         return res.nll, res.nfe, res.z
 
     return solve

@@ -93,7 +93,7 @@ def worker(args) -> dict:
         fn()  # warm-up (compilation)
         jax.block_until_ready(fn())
         t0 = time.perf_counter()
-        previous = None
+        out = previous = None
         for _ in range(iters):
             out = fn()
             # At most two calls in flight, as `make_train_step` keeps on several CPU
@@ -107,6 +107,9 @@ def worker(args) -> dict:
     holder["k"] = replicate(init_state(flow, optimizer, key=jr.key(1)), mesh)
     holder["f"] = replicate(init_state(flow, optimizer, key=jr.key(1)), mesh)
     # The same step dispatched by `eqx.filter_jit` instead of `_dispatch.StateStepJit`.
+    from scoreflow_eqx._dispatch import StateStepJit
+
+    assert isinstance(step1, StateStepJit)
     step_filter_jit = eqx.filter_jit(step1._fn, donate="all-except-first")
 
     def run_step():
@@ -146,7 +149,7 @@ def worker(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--devices", type=int, nargs="+", default=[1, 4])

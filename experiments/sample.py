@@ -48,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: next to workdir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="samples per jit call")
-    p.add_argument("--raw", action="store_true", help="raw parameters instead of EMA")
+    p.add_argument(
+        "--raw", action="store_true", help="--workdir only: raw parameters instead of EMA"
+    )
     p.add_argument("--num-steps", type=int, help="sde / pc only: time steps (default 1000)")
     p.add_argument("--snr", type=float, help="pc only: corrector SNR (default 0.16)")
     p.add_argument(
@@ -62,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--rtol", type=float, help="ode only: tolerance (default 1e-5)")
     p.add_argument("--atol", type=float, help="ode only: tolerance (default 1e-5)")
     p.add_argument("--denoise", action="store_true", help="final Tweedie step")
-    p.add_argument("--sde", choices=("vp", "subvp", "ve"), default="vp", help="SDE of --demo")
+    p.add_argument("--sde", choices=("vp", "subvp", "ve"), help="--demo only: the SDE (default vp)")
     p.add_argument("--quick", action="store_true", help="smoke test: few samples and steps")
     args = p.parse_args(argv)
     applies = {
@@ -76,6 +78,13 @@ def parse_args(argv=None):
     for name, methods in applies.items():
         if getattr(args, name) is not None and args.method not in methods:
             p.error(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
+    if args.demo and args.raw:
+        p.error("--raw does not apply to --demo (the demo has no trained parameters)")
+    if not args.demo and args.sde is not None:
+        p.error("--sde applies to --demo only (a work directory records its own SDE)")
+    if args.snr is not None and args.corrector_steps == 0:
+        p.error("--snr does not apply with --corrector-steps 0 (no corrector)")
+    args.sde = args.sde or "vp"
     if args.quick:
         args.num = min(args.num, 16)
         args.num_steps = min(args.num_steps or 20, 20)
@@ -161,6 +170,7 @@ def draw(flow, shape, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    mixture = None
     if args.demo:
         flow, mixture = demo_flow(args.sde)
         shape = (2,)
@@ -188,7 +198,7 @@ def main(argv=None):
         "seconds": round(seconds, 3),
         "finite": bool(np.isfinite(x).all()),
     }
-    if args.demo:
+    if mixture is not None:
         ref = np.asarray(
             jax.vmap(lambda k: mixture.sample(key=k))(jr.split(jr.key(args.seed + 1), x.shape[0]))
         )
@@ -205,7 +215,7 @@ def main(argv=None):
             lim=3.5,
             title=f"{args.sde.upper()} {args.method}, NFE {nfe.mean():.0f}",
         )
-    elif len(shape) == 3 and shape[0] in (1, 3):
+    elif len(shape) == 3 and shape[0] in (1, 3) and data_range is not None:
         scale = 4 if shape[1] <= 16 else 1
         save_image_grid(x, out, data_range=data_range, scale=scale)
     elif shape == (2,):

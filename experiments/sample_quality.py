@@ -32,12 +32,18 @@ class DigitsScorer:
 
         self.dataset = dataset
         self.threshold = threshold
-        labels = np.asarray(load_digits()["target"])
+        labels = np.asarray(load_digits().target)  # pyright: ignore[reportAttributeAccessIssue]
         n_train = len(dataset.train)
         if len(labels) != n_train + len(dataset.test):
             raise ValueError("DigitsScorer needs the digits dataset (sf.data.digits()).")
         self.test_labels = labels[n_train:]
-        self.classifier = SVC(gamma=10 / 64, C=10.0, probability=True, random_state=seed)
+        # (sklearn's inferred signature types `gamma` and `probability` as strings)
+        self.classifier = SVC(
+            gamma=10 / 64,  # pyright: ignore[reportArgumentType]
+            C=10.0,
+            probability=True,  # pyright: ignore[reportArgumentType]
+            random_state=seed,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # `probability` (see above)
             self.classifier.fit(self._features_of_levels(dataset.train), labels[:n_train])

@@ -15,12 +15,14 @@ Examples:
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from typing import Any
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -148,7 +150,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     check_args(p, args)
+    if args.no_eval:
+        evaluation = {a.dest for a in e._group_actions} - {"no_eval"}
+        given = sorted(explicit_flags(p, argv) & evaluation)
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            p.error(f"{flags} do(es) not apply with --no-eval")
     return args
+
+
+def explicit_flags(p: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags given on the command line (not left at their
+    defaults): `argv` parsed again with every default suppressed."""
+    q = copy.deepcopy(p)
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(q.parse_known_args(argv)[0]))
 
 
 def check_net_flags(args) -> None:
@@ -337,7 +355,7 @@ def save_samples(sf, flow, dataset, args, key) -> dict | None:
     for name, x in samples.items():
         path = os.path.join(args.workdir, f"samples_{name}.png")
         save_image_grid(x, path, data_range=data_range, scale=scale)
-    out = {"png": os.path.join(args.workdir, "samples.png")}
+    out: dict[str, Any] = {"png": os.path.join(args.workdir, "samples.png")}
     titles = {
         "ode": "probability-flow ODE",
         "sde": f"reverse SDE, {samplers['sde'].num_steps} steps",

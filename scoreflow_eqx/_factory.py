@@ -49,14 +49,15 @@ def flow_config(
     net_kwargs: dict[str, Any] | None = None,
     parameterization: str = "noise",
     eps: float | None = None,
-    conditioning: "AbstractConditioning | str" = "log_snr",
+    conditioning: "AbstractConditioning | str | dict[str, Any]" = "log_snr",
 ) -> dict[str, Any]:
     """A JSON-able description of a [`scoreflow_eqx.ScoreFlow`][] (see
     [`scoreflow_eqx.make_flow`][]). Names are validated here, so typos fail early.
 
     `conditioning` is what the net is conditioned on: `"log_snr"` (default,
     [`scoreflow_eqx.LogSNRConditioning`][]`()`), `"time"`
-    ([`scoreflow_eqx.TimeConditioning`][]`()`) or such an object."""
+    ([`scoreflow_eqx.TimeConditioning`][]`()`), such an object, or its config (a dict
+    such as `{"name": "time", "scale": 1000.0}`)."""
     make_sde(sde, **(sde_kwargs or {}))  # validates
     if net not in NETS:
         raise ValueError(f"Unknown net {net!r}; valid nets are {list(NETS)}.")

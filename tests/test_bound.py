@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+import registry
 from helpers import gaussian_mixture_2d
 
 import scoreflow_eqx as sf
@@ -16,9 +17,7 @@ import scoreflow_eqx as sf
 MEAN = jnp.array([0.3, -0.5, 1.0])
 STD = jnp.array([0.2, 0.5, 0.3])
 SDES = {
-    "vp": sf.VPSDE(),
-    "subvp": sf.SubVPSDE(),
-    "ve": sf.VESDE(),
+    **registry.SDES,
     # A large sigma_min makes the eps correction large: it must be right, not just
     # small.
     "ve-wide": sf.VESDE(sigma_min=0.1, sigma_max=50.0),

@@ -116,3 +116,58 @@ def test_bad_arguments_fail_clearly(tmp_path):
     assert "Traceback" not in out.stderr
     out = _run("experiments/dequantize.py", "--workdir", str(tmp_path), "--ks", "0")
     assert out.returncode != 0 and "--ks must be integers >= 1" in out.stderr
+
+
+def _script(name):
+    import importlib
+
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("train", "--no-eval --rtol 1e-3", "--rtol do(es) not apply with --no-eval"),
+        ("train", "--no-eval --bound-num-t 5", "--bound-num-t do(es) not apply with --no-eval"),
+        ("train", "--sde subvp --sigma-max 3", "--sigma-max do(es) not apply to --sde subvp"),
+        ("train", "--net unet --depth 2", "--width/--depth are MLP options"),
+        ("train", "--lr nan", "--lr must be a finite number > 0"),
+        ("sample", "--workdir w --sde ve", "--sde applies to --demo only"),
+        ("sample", "--demo --raw", "--raw does not apply to --demo"),
+        (
+            "sample",
+            "--demo --method ode --num-steps 5",
+            "--num-steps does not apply to --method ode",
+        ),
+        ("sample", "--demo --method pc --snr 0.1 --corrector-steps 0", "--snr does not apply"),
+        ("sample", "--demo --method sde --rtol 1e-3", "--rtol does not apply to --method sde"),
+    ],
+)
+def test_flags_that_do_not_apply_are_refused(script, argv, message, capsys):
+    # In process (no JAX work): the refusal comes from argument parsing, before any work.
+    argv = argv.split() + (["--workdir", "w"] if script == "train" else [])
+    with pytest.raises(SystemExit) as exit_:
+        _script(script).parse_args(argv)
+    assert exit_.value.code != 0
+    assert message in capsys.readouterr().err + str(exit_.value.code)
+
+
+def test_help_has_no_default_none():
+    for script in ("train", "sample"):
+        parser_help = _help_text(_script(script))
+        assert "(default: None)" not in parser_help
+    assert '{"base_channels": 16}' in _help_text(_script("train"))
+
+
+def _help_text(module):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    return out.getvalue()

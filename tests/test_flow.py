@@ -5,14 +5,12 @@ import jax.random as jr
 import numpy as np
 import pytest
 from helpers import gaussian_mixture_2d
+from registry import SDES
 
 import scoreflow_eqx as sf
 
 
-SDES = [sf.VPSDE(), sf.SubVPSDE(), sf.VESDE()]
-
-
-@pytest.mark.parametrize("sde", SDES, ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("sde", SDES.values(), ids=list(SDES))
 def test_noise_parameterization(sde):
     net = sf.nets.MLP((2,), width_size=16, depth=2, key=jr.key(0))
     flow = sf.ScoreFlow(sde, net)

@@ -8,15 +8,11 @@ import jax.random as jr
 import numpy as np
 import pytest
 import scipy.integrate
+from registry import SDES  # VP/subVP beta in [0.1, 20], VE sigma in [0.01, 50]
 
 import scoreflow_eqx as sf
 
 
-SDES = {
-    "vp": sf.VPSDE(beta_min=0.1, beta_max=20.0),
-    "subvp": sf.SubVPSDE(beta_min=0.1, beta_max=20.0),
-    "ve": sf.VESDE(sigma_min=0.01, sigma_max=50.0),
-}
 D = 2
 DATA_MU, DATA_STD = 0.5, 0.8  # the data: N(DATA_MU, DATA_STD^2 I)
 MODEL_MU, MODEL_STD = 0.2, 1.1  # the model's score: exact score of a *different* Gaussian

@@ -22,6 +22,8 @@ from helpers import gaussian_mixture_2d, tree_allclose
 from test_train import CFG, KW
 
 import scoreflow_eqx as sf
+from scoreflow_eqx._checkpoint import _record_checksum, CheckpointMismatchError
+from scoreflow_eqx._training.workdir import RunRecordError
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -170,11 +172,16 @@ def test_load_flow_uses_the_checkpointed_record(flow, data, tmp_path):
         sf.load_flow(tmp_path, like=sf.ScoreFlow(sf.VESDE(), flow.net))
 
 
-def _edit_record(step_dir: pathlib.Path, edit) -> None:
+def _edit_record(step_dir: pathlib.Path, edit, *, checksum: bool = False) -> None:
     path = step_dir / "record" / "metadata"
     record = json.loads(path.read_text())
     edit(record)
     path.write_text(json.dumps(record))
+    if checksum:  # write the matching checksum too
+        sums_path = step_dir / "checksums" / "metadata"
+        sums = json.loads(sums_path.read_text())
+        sums["record"] = _record_checksum(record)
+        sums_path.write_text(json.dumps(sums))
 
 
 def test_tampered_or_incomplete_record_is_caught(flow, data, tmp_path):
@@ -185,6 +192,18 @@ def test_tampered_or_incomplete_record_is_caught(flow, data, tmp_path):
     with pytest.warns(RuntimeWarning, match="step 4.*checksum.*falling back to step 2"):
         loaded, info = sf.load_flow(tmp_path)
     assert info["step"] == 2 and isinstance(loaded.sde, sf.VPSDE)
+    # A record with a key missing but a matching checksum (as a buggy writer would leave
+    # it): `make_flow` would fill the default (a time-conditioned net), so it is refused.
+    _edit_record(ckpts / "2", lambda r: r["flow_config"].pop("conditioning"), checksum=True)
+    # (Step 4 still fails its checksum: a warning, then step 2 is refused.)
+    with pytest.raises(RunRecordError, match="does not rebuild the recorded model.*conditioning"):
+        with pytest.warns(RuntimeWarning, match="step 4"):
+            sf.load_flow(tmp_path)
+    # A record without one of its parts is refused too.
+    _edit_record(ckpts / "2", lambda r: r.pop("data"), checksum=True)
+    with pytest.raises(RunRecordError, match=r"incomplete run record \(missing \['data'\]\)"):
+        with pytest.warns(RuntimeWarning, match="step 4"):
+            sf.load_flow(tmp_path)
 
 
 # ---- 3. checkpoint integrity ---------------------------------------------------------
@@ -303,6 +322,51 @@ BAD_INPUTS = [
      ValueError, r"shape \(2,\) to an output of shape \(4,\)"),
     ("bpd repeats", lambda f, d: sf.evaluate_bpd(f, d.test, discretization=d.discretization,
      key=jr.key(0), num_repeats=0), ValueError, "num_repeats"),
+    ("train steps 0", lambda f, d: sf.train(f, d, key=jr.key(0), steps=0), ValueError, "steps"),
+    ("train batch 0", lambda f, d: sf.train(f, d, key=jr.key(0), steps=1, batch_size=0),
+     ValueError, "batch_size"),
+    ("train steps_per_jit 0", lambda f, d: sf.train(f, d, key=jr.key(0), steps=1,
+     steps_per_jit=0), ValueError, "steps_per_jit"),
+    ("optimizer clip inf", lambda f, d: sf.default_optimizer(grad_clip=float("inf")),
+     ValueError, "grad_clip"),
+    ("optimizer warmup", lambda f, d: sf.default_optimizer(warmup_steps=-1), ValueError,
+     "warmup_steps"),
+    ("hutchinson probes", lambda f, d: sf.Hutchinson(num_probes=0), ValueError, "num_probes"),
+    ("hutchinson probe", lambda f, d: sf.Hutchinson(probe="uniform"), ValueError,
+     "valid probes"),
+    ("exact mode", lambda f, d: sf.ExactTrace(mode="sideways"), ValueError, "valid modes"),
+    ("exact chunk", lambda f, d: sf.ExactTrace(chunk_size=0), ValueError, "chunk_size"),
+    ("divergence name", lambda f, d: sf.ode_nll(f, jnp.zeros(2), key=jr.key(0),
+     divergence="bogus"), ValueError, "divergence estimator"),
+    ("ode rtol nan", lambda f, d: sf.ode_nll(f, jnp.zeros(2), key=jr.key(0),
+     rtol=float("nan")), ValueError, "rtol"),
+    ("vp beta_min", lambda f, d: sf.VPSDE(beta_min=-1.0), ValueError, "beta_min"),
+    ("vp beta order", lambda f, d: sf.VPSDE(beta_min=5.0, beta_max=1.0), ValueError,
+     "beta_max > beta_min"),
+    ("ve sigma_min", lambda f, d: sf.VESDE(sigma_min=0.0), ValueError, "sigma_min"),
+    ("flow eps", lambda f, d: sf.ScoreFlow(f.sde, f.net, eps=1.0), ValueError, "eps"),
+    ("flow parameterization", lambda f, d: sf.ScoreFlow(f.sde, f.net, parameterization="x"),
+     ValueError, "parameterization"),
+    ("importance eps", lambda f, d: sf.ImportanceSampler(sf.VPSDE(), eps=2.0), ValueError,
+     "eps"),
+    ("loss weighting", lambda f, d: f.loss(jnp.zeros(2), key=jr.key(0), weighting="bogus"),
+     ValueError, "weighting"),
+    ("sample method", lambda f, d: sf.sample(f, (2,), key=jr.key(0), method="bogus"),
+     ValueError, "valid ones"),
+    ("sampler max_steps", lambda f, d: sf.ProbabilityFlow(max_steps=0), ValueError,
+     "max_steps"),
+    ("sampler tolerance", lambda f, d: sf.ProbabilityFlow(stepsize_controller=dfx.PIDController(
+        rtol=-1.0, atol=1e-5)), ValueError, "rtol"),
+    ("langevin snr", lambda f, d: sf.LangevinCorrector(snr=-1.0), ValueError, "snr"),
+    ("reverse sde steps", lambda f, d: sf.ReverseSDE(num_steps=0), ValueError, "num_steps"),
+    ("bits_per_dim dim", lambda f, d: sf.bits_per_dim(jnp.ones(()), dim=0, num_levels=256,
+     data_range=(-1.0, 1.0)), ValueError, "dim"),
+    ("bits_per_dim levels", lambda f, d: sf.bits_per_dim(jnp.ones(()), dim=2, num_levels=1,
+     data_range=(-1.0, 1.0)), ValueError, "num_levels"),
+    ("arrays nan", lambda f, d: sf.data.from_arrays(np.full((4, 2), np.nan), np.zeros((2, 2)),
+     num_levels=None), ValueError, "non-finite"),
+    ("input shape", lambda f, d: sf.nll_bound(f, jnp.zeros(3), key=jr.key(0), num_t=4),
+     ValueError, r"shape \(2,\).*shape \(3,\)"),
 ]  # fmt: skip
 
 
@@ -350,3 +414,50 @@ def test_data_files_errors_name_the_file_and_refuse_ambiguity(tmp_path):
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(ValueError, match=r"nan\.npy.*non-finite"):
         sf.data.load_dataset(str(tmp_path / "nan.npy"))
+
+
+# ---- checkpoints of the first layout (leaf lists) ------------------------------------
+
+
+def _write_first_layout(workdir: pathlib.Path, flow, flow_config, step: int = 5) -> list:
+    """A checkpoint as the package's first layout wrote it: every pytree a list of
+    leaves, the run config as the JSON item `config`."""
+    import orbax.checkpoint as ocp
+
+    params = jax.tree.leaves(eqx.filter(flow, eqx.is_inexact_array))
+    config = {
+        "flow": flow_config,
+        "dataset": {"name": "mixture", "data_shape": [2], "num_levels": None,
+                    "data_range": [-1.0, 1.0]},
+    }  # fmt: skip
+    items = {
+        "params": ocp.args.StandardSave(params),
+        "ema_params": ocp.args.StandardSave([2 * p for p in params]),
+        "opt_state": ocp.args.StandardSave([jnp.zeros((), jnp.float32)]),
+        "meta": ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32)}),
+        "config": ocp.args.JsonSave(config),
+    }
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return params
+
+
+def test_first_layout_checkpoints_load_or_fail_clearly(flow, data, tmp_path):
+    params = _write_first_layout(tmp_path, flow, CFG)
+    loaded, info = sf.load_flow(tmp_path)
+    assert info["step"] == 5 and info["data_shape"] == (2,) and info["dataset"] == "mixture"
+    assert tree_allclose(jax.tree.leaves(_params(loaded)), [2 * p for p in params], rtol=0, atol=0)
+    raw, _ = sf.load_flow(tmp_path, ema=False)
+    assert bool(eqx.tree_equal(_params(raw), _params(flow), typematch=True))
+    # Leaves written for another model (here a wider MLP) are refused, not loaded.
+    wide_cfg = sf.flow_config((2,), sde="vp", net_kwargs={"width_size": 48, "depth": 2})
+    other = tmp_path / "other"
+    _write_first_layout(other, sf.make_flow(wide_cfg, key=jr.key(0)), CFG)
+    with pytest.raises(CheckpointMismatchError, match="older-layout checkpoint at step 5"):
+        sf.load_flow(other)
+    # Training does not resume from it (its optimizer state has no paths), and says why.
+    with pytest.raises(CheckpointMismatchError, match="older version.*cannot be resumed"):
+        _train(flow, data, tmp_path)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+import registry
 from helpers import gaussian_mixture_2d
 from registry import NUM_STEPS, SAMPLER_SHORTHANDS, SAMPLERS
 
@@ -18,7 +19,7 @@ import scoreflow_eqx as sf
 
 
 N = 1000  # samples per check
-SDES = {"vp": sf.VPSDE(), "ve": sf.VESDE()}
+SDES = {k: registry.SDES[k] for k in ("vp", "ve")}  # subVP: covered by test_sde
 
 
 def _flow(sde, mixture):

@@ -1,6 +1,7 @@
 import math
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -8,15 +9,11 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.stats
+from registry import SDES  # VP/subVP beta in [0.1, 20], VE sigma in [0.01, 50]
 
 import scoreflow_eqx as sf
 
 
-SDES = {
-    "vp": sf.VPSDE(beta_min=0.1, beta_max=20.0),
-    "subvp": sf.SubVPSDE(beta_min=0.1, beta_max=20.0),
-    "ve": sf.VESDE(sigma_min=0.01, sigma_max=50.0),
-}
 TIMES = [1e-5, 1e-3, 0.1, 0.5, 1.0]
 
 
@@ -186,3 +183,13 @@ def test_sdes_work_under_jit_vmap_grad(sde):
 def test_bad_parameters_raise(make):
     with pytest.raises(ValueError, match="beta|sigma"):
         make()
+
+
+def test_deprecated_log_snr_names_warn_and_agree(sde):
+    t = jnp.asarray(0.3)
+    with pytest.warns(DeprecationWarning, match="neg_log_snr"):
+        a = sde.log_snr_antiderivative(t)
+    assert bool(eqx.tree_equal(a, sde.neg_log_snr(t)))
+    with pytest.warns(DeprecationWarning, match="inverse_neg_log_snr"):
+        back = sde.inverse_log_snr_antiderivative(a)
+    assert bool(eqx.tree_equal(back, sde.inverse_neg_log_snr(a)))

@@ -5,15 +5,9 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.stats
+from registry import SDES  # VP/subVP beta in [0.1, 20], VE sigma in [0.01, 50]
 
 import scoreflow_eqx as sf
-
-
-SDES = {
-    "vp": sf.VPSDE(beta_min=0.1, beta_max=20.0),
-    "subvp": sf.SubVPSDE(beta_min=0.1, beta_max=20.0),
-    "ve": sf.VESDE(sigma_min=0.01, sigma_max=50.0),
-}
 
 
 @pytest.fixture(params=list(SDES), ids=list(SDES))

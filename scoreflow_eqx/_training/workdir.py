@@ -173,6 +173,18 @@ def _discretization(data: dict[str, Any]) -> Discretization:
     return Discretization(num_levels=data["num_levels"], data_range=tuple(data["data_range"]))
 
 
+def _model_differences(record: dict[str, Any], flow: ScoreFlow, *, classes_only=()) -> str:
+    saved, ours = record["model"], describe_flow(flow)
+
+    def same(k):
+        if k in classes_only:  # compare the class names of these reprs only
+            return str(saved[k]).split("(")[0] == str(ours.get(k)).split("(")[0]
+        return saved[k] == ours.get(k)
+
+    diff = [k for k in saved if not same(k)]
+    return ", ".join(f"{k} ({ours.get(k)!r} vs {saved[k]!r} saved)" for k in diff)
+
+
 def _template(record: dict[str, Any], like: ScoreFlow | None, where: str) -> ScoreFlow:
     if like is None:
         if record.get("flow_config") is None:
@@ -180,14 +192,20 @@ def _template(record: dict[str, Any], like: ScoreFlow | None, where: str) -> Sco
                 f"The run in {where} was trained without `flow_config`; pass `like=` (a "
                 "flow of the same structure)."
             )
-        return make_flow(record["flow_config"])
-    saved, ours = record["model"], describe_flow(like)
-    diff = [k for k in saved if saved[k] != ours.get(k)]
+        # `make_flow` fills keys missing from a config with defaults: the flow it builds
+        # must still be the recorded model. (The SDE and conditioning by class: equinox's
+        # repr of a float field read back from JSON shows it even at its default value.)
+        flow = make_flow(record["flow_config"])
+        diff = _model_differences(record, flow, classes_only=("sde", "conditioning"))
+        if diff:
+            raise RunRecordError(
+                f"The flow_config recorded in {where} does not rebuild the recorded model "
+                f"(missing or changed keys?): it differs in {diff}"
+            )
+        return flow
+    diff = _model_differences(record, like)
     if diff:
-        raise RunRecordError(
-            f"`like` is not the model of {where}: it differs in "
-            + ", ".join(f"{k} ({ours.get(k)!r} vs {saved[k]!r} saved)" for k in diff)
-        )
+        raise RunRecordError(f"`like` is not the model of {where}: it differs in {diff}")
     return like
 
 

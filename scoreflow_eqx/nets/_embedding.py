@@ -2,6 +2,7 @@
 see `scoreflow_eqx.AbstractConditioning`)."""
 
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -68,11 +69,14 @@ class FourierEmbedding(eqx.Module):
 
 EMBEDDINGS: tuple[str, ...] = ("sinusoidal", "fourier")
 
+#: An embedding: a callable (usually an `eqx.Module`) mapping a scalar to a vector.
+Embedding = Callable[[RealScalarLike], Float[Array, " dim"]]
 
-def make_embedding(embedding: "str | eqx.Module", dim: int, *, key: PRNGKeyArray) -> eqx.Module:
+
+def make_embedding(embedding: "str | Embedding", dim: int, *, key: PRNGKeyArray) -> Embedding:
     """The embedding module of a net: `"sinusoidal"` (`SinusoidalEmbedding(dim)`),
     `"fourier"` (`FourierEmbedding(dim)`), or a module `c -> (dim,)` as it is."""
-    if isinstance(embedding, eqx.Module):
+    if callable(embedding):
         out = jax.eval_shape(embedding, jnp.zeros(()))
         if getattr(out, "shape", None) != (dim,):
             raise ValueError(

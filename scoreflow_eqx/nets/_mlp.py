@@ -10,7 +10,7 @@ from jaxtyping import PRNGKeyArray
 
 from .._conditioning import AbstractConditioning, LogSNRConditioning
 from .._custom_types import Data, RealScalarLike
-from ._embedding import make_embedding
+from ._embedding import Embedding, make_embedding
 from ._shapes import check_shape
 
 
@@ -37,7 +37,7 @@ class MLP(eqx.Module):
     so a fresh model predicts almost zero noise.
     """
 
-    embedding: eqx.Module
+    embedding: Embedding
     layers: tuple[eqx.nn.Linear, ...]
     time_layers: tuple[eqx.nn.Linear, ...]
     out: eqx.nn.Linear
@@ -51,7 +51,7 @@ class MLP(eqx.Module):
         width_size: int = 128,
         depth: int = 3,
         *,
-        embedding: "str | eqx.Module" = "sinusoidal",
+        embedding: "str | Embedding" = "sinusoidal",
         embedding_dim: int = 32,
         conditioning: AbstractConditioning = LogSNRConditioning(),
         activation: Callable = jax.nn.silu,

@@ -13,7 +13,7 @@ from jaxtyping import PRNGKeyArray
 
 from .._conditioning import AbstractConditioning, LogSNRConditioning
 from .._custom_types import Data, RealScalarLike
-from ._embedding import make_embedding
+from ._embedding import Embedding, make_embedding
 from ._layers import Conv2dNHWC, GroupNormLast
 from ._shapes import check_shape
 
@@ -62,6 +62,10 @@ def _norm(groups, channels, *, channels_last):
     return eqx.nn.GroupNorm(groups, channels)
 
 
+_Conv = Conv2dNHWC | eqx.nn.Conv2d
+_Norm = GroupNormLast | eqx.nn.GroupNorm
+
+
 def _per_channel(v, channels_last):
     """Broadcast a `(C,)` vector against one image in the given layout."""
     return v[None, None, :] if channels_last else v[:, None, None]
@@ -77,12 +81,12 @@ class _ResBlock(eqx.Module):
     """DDPM++ residual block: GN-SiLU-conv, add a projection of the time embedding,
     GN-SiLU-conv, skip (1x1 conv if the width changes), sum scaled by `1/sqrt(2)`."""
 
-    norm0: eqx.Module
-    conv0: eqx.Module
+    norm0: _Norm
+    conv0: _Conv
     temb_proj: eqx.nn.Linear
-    norm1: eqx.Module
-    conv1: eqx.Module
-    skip: eqx.Module | None
+    norm1: _Norm
+    conv1: _Conv
+    skip: _Conv | None
     channels_last: bool = eqx.field(static=True)
 
     def __init__(self, cin, cout, temb_dim, groups, *, channels_last, key):
@@ -111,7 +115,7 @@ class _AttnBlock(eqx.Module):
     """Multi-head self-attention over the `H * W` positions, with a residual
     connection."""
 
-    norm: eqx.Module
+    norm: _Norm
     qkv: eqx.nn.Linear
     out: eqx.nn.Linear
     num_heads: int = eqx.field(static=True)
@@ -155,7 +159,7 @@ class _AttnBlock(eqx.Module):
 class _Downsample(eqx.Module):
     """3x3 convolution with stride 2: `H -> ceil(H / 2)` (so 28 -> 14 -> 7 -> 4)."""
 
-    conv: eqx.Module
+    conv: _Conv
 
     def __init__(self, channels, *, channels_last, key):
         self.conv = _conv(channels, channels, 3, stride=2, channels_last=channels_last, key=key)
@@ -168,7 +172,7 @@ class _Upsample(eqx.Module):
     """Nearest-neighbour x2 upsampling cropped to the skip connection's size (so odd
     sizes such as 7 -> 4 -> 7 round-trip), then a 3x3 convolution."""
 
-    conv: eqx.Module
+    conv: _Conv
     channels_last: bool = eqx.field(static=True)
 
     def __init__(self, channels, *, channels_last, key):
@@ -182,6 +186,54 @@ class _Upsample(eqx.Module):
         else:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, :hh, :ww]
         return self.conv(x)
+
+
+def _check_config(
+    data_shape, base_channels, channel_mults, num_res_blocks, attention_resolutions, groups, layout
+):
+    """Validate a U-Net configuration; returns the normalised `data_shape`,
+    `channel_mults`, the height of every level, the `attention_resolutions` and the
+    function `width -> GroupNorm groups`."""
+    data_shape = tuple(int(s) for s in data_shape)
+    if len(data_shape) != 3 or min(data_shape) < 1:
+        raise ValueError(
+            f"UNet expects `data_shape=(C, H, W)` with positive entries, got {data_shape!r}."
+        )
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; valid ones are {list(LAYOUTS)}.")
+    channel_mults = tuple(int(m) for m in channel_mults)
+    if not channel_mults or min(channel_mults) < 1:
+        raise ValueError(
+            f"`channel_mults` must be a non-empty sequence of positive integers, "
+            f"got {channel_mults!r}."
+        )
+    if base_channels < 2 or base_channels % 2:
+        raise ValueError(f"`base_channels` must be an even integer >= 2, got {base_channels!r}.")
+    if num_res_blocks < 1:
+        raise ValueError(f"`num_res_blocks` must be >= 1, got {num_res_blocks!r}.")
+    heights = [data_shape[1]]
+    for _ in channel_mults[1:]:
+        heights.append(-(-heights[-1] // 2))
+    attention_resolutions = tuple(int(r) for r in attention_resolutions)
+    bad = [r for r in attention_resolutions if r not in heights]
+    if bad:
+        raise ValueError(
+            f"`attention_resolutions` {bad} are not level heights of this U-Net; "
+            f"the valid ones for data_shape={data_shape} and "
+            f"channel_mults={channel_mults} are {heights}."
+        )
+    widths = {base_channels * m for m in channel_mults} | {base_channels}
+    if groups is None:
+        group_fn = _default_groups
+    else:
+        bad_w = sorted(w for w in widths if w % groups)
+        if groups < 1 or bad_w:
+            raise ValueError(
+                f"`groups`={groups!r} must be a positive divisor of every width; "
+                f"it does not divide {bad_w}."
+            )
+        group_fn = lambda c: groups  # noqa: E731
+    return data_shape, channel_mults, heights, attention_resolutions, group_fn
 
 
 class UNet(eqx.Module):
@@ -232,10 +284,10 @@ class UNet(eqx.Module):
     `"mnist"`: 28x28).
     """
 
-    embedding: eqx.Module
+    embedding: Embedding
     temb0: eqx.nn.Linear
     temb1: eqx.nn.Linear
-    conv_in: eqx.Module
+    conv_in: _Conv
     down_blocks: tuple[tuple[_ResBlock, ...], ...]
     down_attn: tuple[tuple[_AttnBlock | None, ...], ...]
     downsamples: tuple[_Downsample, ...]
@@ -245,8 +297,8 @@ class UNet(eqx.Module):
     up_blocks: tuple[tuple[_ResBlock, ...], ...]
     up_attn: tuple[tuple[_AttnBlock | None, ...], ...]
     upsamples: tuple[_Upsample, ...]
-    norm_out: eqx.Module
-    conv_out: eqx.Module
+    norm_out: _Norm
+    conv_out: _Conv
     conditioning: AbstractConditioning
     data_shape: tuple[int, int, int] = eqx.field(static=True)
     layout: str = eqx.field(static=True)
@@ -260,54 +312,21 @@ class UNet(eqx.Module):
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (),
         attention_heads: int = 1,
-        embedding: "str | eqx.Module" = "sinusoidal",
+        embedding: "str | Embedding" = "sinusoidal",
         conditioning: AbstractConditioning = LogSNRConditioning(),
         groups: int | None = None,
         layout: str = "channels_last",
         key: PRNGKeyArray,
     ):
-        data_shape = tuple(int(s) for s in data_shape)
-        if len(data_shape) != 3 or min(data_shape) < 1:
-            raise ValueError(
-                f"UNet expects `data_shape=(C, H, W)` with positive entries, got {data_shape!r}."
-            )
-        if layout not in LAYOUTS:
-            raise ValueError(f"Unknown layout {layout!r}; valid ones are {list(LAYOUTS)}.")
-        channel_mults = tuple(int(m) for m in channel_mults)
-        if not channel_mults or min(channel_mults) < 1:
-            raise ValueError(
-                f"`channel_mults` must be a non-empty sequence of positive integers, "
-                f"got {channel_mults!r}."
-            )
-        if base_channels < 2 or base_channels % 2:
-            raise ValueError(
-                f"`base_channels` must be an even integer >= 2, got {base_channels!r}."
-            )
-        if num_res_blocks < 1:
-            raise ValueError(f"`num_res_blocks` must be >= 1, got {num_res_blocks!r}.")
-        heights = [data_shape[1]]
-        for _ in channel_mults[1:]:
-            heights.append(-(-heights[-1] // 2))
-        attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        bad = [r for r in attention_resolutions if r not in heights]
-        if bad:
-            raise ValueError(
-                f"`attention_resolutions` {bad} are not level heights of this U-Net; "
-                f"the valid ones for data_shape={data_shape} and "
-                f"channel_mults={channel_mults} are {heights}."
-            )
-        widths = {base_channels * m for m in channel_mults} | {base_channels}
-        if groups is None:
-            group_fn = _default_groups
-        else:
-            bad_w = sorted(w for w in widths if w % groups)
-            if groups < 1 or bad_w:
-                raise ValueError(
-                    f"`groups`={groups!r} must be a positive divisor of every width; "
-                    f"it does not divide {bad_w}."
-                )
-            group_fn = lambda c: groups  # noqa: E731
-
+        data_shape, channel_mults, heights, attention_resolutions, group_fn = _check_config(
+            data_shape,
+            base_channels,
+            channel_mults,
+            num_res_blocks,
+            attention_resolutions,
+            groups,
+            layout,
+        )
         self.data_shape = data_shape
         self.layout = layout
         self.conditioning = conditioning
@@ -315,35 +334,30 @@ class UNet(eqx.Module):
         keys = iter(jr.split(key, 64 + 8 * len(channel_mults) * (num_res_blocks + 2)))
         c_in = data_shape[0]
         temb_dim = 4 * base_channels
+        attn_levels = [h in attention_resolutions for h in heights]
+
+        def res_block(cin, cout):
+            return _ResBlock(cin, cout, temb_dim, group_fn, channels_last=cl, key=next(keys))
+
+        def attn_block(width):
+            return _AttnBlock(width, group_fn, attention_heads, channels_last=cl, key=next(keys))
 
         self.embedding = make_embedding(embedding, base_channels, key=next(keys))
         self.temb0 = eqx.nn.Linear(base_channels, temb_dim, key=next(keys))
         self.temb1 = eqx.nn.Linear(temb_dim, temb_dim, key=next(keys))
         self.conv_in = _conv(c_in, base_channels, 3, channels_last=cl, key=next(keys))
 
+        # Down: each level's blocks, then (but at the last level) a downsampling; every
+        # block's and downsampling's output is a skip connection.
         skip_widths = [base_channels]
         width = base_channels
         down_blocks, down_attn, downsamples = [], [], []
         for level, mult in enumerate(channel_mults):
-            out = base_channels * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(
-                    _ResBlock(width, out, temb_dim, group_fn, channels_last=cl, key=next(keys))
-                )
-                width = out
-                if heights[level] in attention_resolutions:
-                    attns.append(
-                        _AttnBlock(
-                            width,
-                            group_fn,
-                            attention_heads,
-                            channels_last=cl,
-                            key=next(keys),
-                        )
-                    )
-                else:
-                    attns.append(None)
+                blocks.append(res_block(width, base_channels * mult))
+                width = base_channels * mult
+                attns.append(attn_block(width) if attn_levels[level] else None)
                 skip_widths.append(width)
             down_blocks.append(tuple(blocks))
             down_attn.append(tuple(attns))
@@ -354,40 +368,20 @@ class UNet(eqx.Module):
         self.down_attn = tuple(down_attn)
         self.downsamples = tuple(downsamples)
 
-        self.mid_block0 = _ResBlock(
-            width, width, temb_dim, group_fn, channels_last=cl, key=next(keys)
-        )
-        self.mid_attn = (
-            _AttnBlock(width, group_fn, attention_heads, channels_last=cl, key=next(keys))
-            if attention_resolutions
-            else None
-        )
-        self.mid_block1 = _ResBlock(
-            width, width, temb_dim, group_fn, channels_last=cl, key=next(keys)
-        )
+        self.mid_block0 = res_block(width, width)
+        self.mid_attn = attn_block(width) if attention_resolutions else None
+        self.mid_block1 = res_block(width, width)
 
+        # Up: one block more per level, each taking a skip connection.
         up_blocks, up_attn, upsamples = [], [], []
         for level in reversed(range(len(channel_mults))):
-            out = base_channels * channel_mults[level]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                cin = width + skip_widths.pop()
                 blocks.append(
-                    _ResBlock(cin, out, temb_dim, group_fn, channels_last=cl, key=next(keys))
+                    res_block(width + skip_widths.pop(), base_channels * channel_mults[level])
                 )
-                width = out
-                if heights[level] in attention_resolutions:
-                    attns.append(
-                        _AttnBlock(
-                            width,
-                            group_fn,
-                            attention_heads,
-                            channels_last=cl,
-                            key=next(keys),
-                        )
-                    )
-                else:
-                    attns.append(None)
+                width = base_channels * channel_mults[level]
+                attns.append(attn_block(width) if attn_levels[level] else None)
             up_blocks.append(tuple(blocks))
             up_attn.append(tuple(attns))
             if level != 0:
@@ -398,11 +392,7 @@ class UNet(eqx.Module):
 
         self.norm_out = _norm(group_fn(width), width, channels_last=cl)
         conv_out = _conv(width, c_in, 3, channels_last=cl, key=next(keys))
-        self.conv_out = eqx.tree_at(
-            lambda c: (c.weight, c.bias),
-            conv_out,
-            (0.1 * conv_out.weight, 0.1 * conv_out.bias),
-        )
+        self.conv_out = jax.tree.map(lambda w: 0.1 * w, conv_out)  # weight and bias
 
     def __call__(self, t: RealScalarLike, x: Data) -> Data:
         """**Arguments:** `t` the scalar the net is conditioned on (`conditioning(sde,

@@ -515,6 +515,9 @@ def main(argv=None) -> dict:
     results = {}
     for cfg in CONFIGS:
         if args.only and cfg.name not in args.only:
+            cached = _load(os.path.join(args.workdir, cfg.name, "result.json"))
+            if "train_seconds" in cached:  # finished earlier: keep it in the table
+                results[cfg.name] = cached
             continue
         print(f"== {cfg.name}", flush=True)
         results[cfg.name] = run_config(sf, cfg, datasets, budget, args, scorer)

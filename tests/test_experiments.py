@@ -14,9 +14,11 @@ SCRIPTS = [
     "experiments/train.py",
     "experiments/sample.py",
     "experiments/exact_nll_demo.py",
+    "experiments/density.py",
     "benchmarks/nfe_per_nll.py",
     "benchmarks/net_in_loop.py",
     "benchmarks/train_step.py",
+    "benchmarks/adjoint.py",
 ]
 
 

@@ -19,7 +19,12 @@ import math
 import time
 
 
-KNOWN_ENTROPY = {"checkerboard": math.log(32.0)}
+# Uniform on 8 squares of side 2; eight Gaussians of std 0.2 on a circle of radius 2 (their
+# overlap, 7.7 std apart, is negligible): log 8 + log(2 pi e 0.2^2).
+KNOWN_ENTROPY = {
+    "checkerboard": math.log(32.0),
+    "eight_gaussians": math.log(8.0) + math.log(2 * math.pi * math.e * 0.04),
+}
 
 
 def _step_time(flow, data, objective, batch_size: int, repeats: int = 5) -> float:

@@ -201,7 +201,9 @@ def ode_nll(
     - `max_steps`: the step budget of the solve (`None`: unbounded, which needs an
         adjoint that does not checkpoint a fixed number of steps).
     - `adjoint`: how to differentiate through the solve: any `diffrax.AbstractAdjoint`
-        (default `RecursiveCheckpointAdjoint()`; `BacksolveAdjoint()` for O(1) memory).
+        (default `RecursiveCheckpointAdjoint()`; `BacksolveAdjoint()` for O(1) memory, with
+        approximate gradients; `ImplicitAdjoint()`, for steady states, is refused). The
+        gradient with respect to `x` of the exact-trace NLL is `-grad log p_ODE(x)`.
     - `throw`: raise if the solve fails (as `diffrax.diffeqsolve`); with `throw=False` a
         failure is reported in `result` and `nll` is NaN (use it under `jax.vmap`).
     - `progress_meter`: a diffrax progress meter for long solves.

@@ -16,11 +16,13 @@ SCRIPTS = [
     "experiments/dequantize.py",
     "experiments/exact_nll_demo.py",
     "experiments/paper_table.py",
+    "experiments/density.py",
     "benchmarks/nfe_per_nll.py",
     "benchmarks/net_in_loop.py",
     "benchmarks/train_step.py",
     "benchmarks/nfe_accuracy.py",
     "benchmarks/eval_time.py",
+    "benchmarks/adjoint.py",
 ]
 
 

@@ -20,6 +20,7 @@ def _test_nll(flow, xs):
     return float(jnp.mean(nll(xs)))
 
 
+@pytest.mark.slow  # about a minute on 2 idle cores: a DSM run, then compiling an ODE step
 def test_ode_fine_tuning_lowers_the_test_nll():
     data = sf.data.toy("eight_gaussians", num_train=2048, num_test=128)
     net = sf.nets.MLP(data_shape=(2,), width_size=32, depth=2, key=jr.key(0))

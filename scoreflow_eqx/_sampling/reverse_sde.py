@@ -41,7 +41,9 @@ class ReverseSDE(AbstractSampler):
         second-order alternative, valid because the noise is additive (Ito and
         Stratonovich agree).
     - `num_steps`: the number of equal time steps.
-    - `adjoint`: how to differentiate through the solve (any `diffrax.AbstractAdjoint`).
+    - `adjoint`: how to differentiate through the solve (any `diffrax.AbstractAdjoint`;
+        `diffrax.BacksolveAdjoint()` needs a Stratonovich solver such as `diffrax.Heun()`,
+        and steps backwards on the same grid).
     - `progress_meter`: a diffrax progress meter for long solves.
 
     ??? cite "Reference"

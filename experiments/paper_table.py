@@ -299,12 +299,13 @@ def variational(sf, flow, dataset, budget: Budget, args, run_dir: str) -> dict:
         dataset,
         key=jr.key(args.seed + 3001),
         steps=budget.deq_steps,
-        workdir=run_dir,
+        workdir=os.path.join(run_dir, "dequantizer"),  # beside the flow's checkpoints
         show_progress=not args.no_progress,
     )
     return {
         "train_seconds": time.perf_counter() - t0,
-        "train_objective_bpd": res.bpd,
+        # The objective (nats per example) averaged over the last steps of this call.
+        "train_objective_nats": float(res.losses[-50:].mean()) if len(res.losses) else None,
         "eval": evaluate(sf, flow, dataset, budget, args, dequantizer=res.dequantizer, salt=1),
     }
 
@@ -522,7 +523,8 @@ def main(argv=None) -> dict:
         print(f"== {cfg.name}", flush=True)
         results[cfg.name] = run_config(sf, cfg, datasets, budget, args, scorer)
     write_outputs(results, args, real, time.perf_counter() - t0)
-    print(open(os.path.join(args.workdir, "results.md")).read())
+    with open(os.path.join(args.workdir, "results.md")) as f:
+        print(f.read())
     return results
 
 

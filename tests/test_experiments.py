@@ -81,10 +81,8 @@ def test_train_then_sample(tmp_path):
         ("ode", "uniform", 1), ("bound", "variational", 2), ("ode", "uniform, IW", 2),
     }  # fmt: skip
     assert all(r["num_failed"] == 0 for r in rows)
-    assert (
-        "| likelihood | dequantizer |"
-        in open(os.path.join(workdir, "dequantize_results.md")).read()
-    )
+    with open(os.path.join(workdir, "dequantize_results.md")) as f:
+        assert "| likelihood | dequantizer |" in f.read()
     out = _run("experiments/train.py", "--quick", "--no-progress", "--workdir", workdir,
                "--dequantizer")  # fmt: skip
     assert out.returncode == 0, out.stderr

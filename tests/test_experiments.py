@@ -22,6 +22,7 @@ SCRIPTS = [
     "benchmarks/train_step.py",
     "benchmarks/nfe_accuracy.py",
     "benchmarks/eval_time.py",
+    "benchmarks/per_nfe_cost.py",
     "benchmarks/adjoint.py",
 ]
 

@@ -10,8 +10,9 @@ compared across versions on the same machine, one after the other:
 
 The network is the digits preset with its initial (random) parameters; the number that
 compares versions is the time per batch-NFE (`seconds / (batches x NFE)`), because the NFE
-itself depends on the parameters and on the conditioning. Each call is compiled once and
-then timed (best of `--repeats`, through the returned host numbers).
+itself depends on the parameters and on the conditioning (exact when `--num-examples` is a
+multiple of `--batch-size`; otherwise the padded last batch makes it approximate).
+Each call is compiled once and then timed (best of `--repeats`, through the returned host numbers).
 """
 
 import argparse
